@@ -1,0 +1,156 @@
+"""Validated configuration, loaded from YAML.
+
+Every section is a frozen pydantic model that rejects unknown keys, so a typo fails at start-up
+with the key's path (``edge.window_events``) and the accepted range instead of being ignored.
+Durations carry a ``_s`` or ``_ms`` suffix and sizes a ``_bytes`` suffix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fanomad_stream.errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    """How every client connects to the cluster."""
+
+    bootstrap_servers: str = "127.0.0.1:19092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: Path | None = None
+    topic_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
+    # Model updates are single records; producer, topic and consumer limits all follow this.
+    max_message_bytes: int = Field(default=16 * MiB, ge=1 * MiB, le=64 * MiB)
+    request_timeout_ms: int = Field(default=30_000, ge=1_000, le=600_000)
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            msg = (
+                f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username "
+                "and sasl_password"
+            )
+            raise ValueError(msg)
+        return self
+
+
+class ReplaySettings(_Section):
+    """Which recorded data is produced into the topics, and how fast."""
+
+    dataset: Literal["smd"] = "smd"
+    data_dir: Path | None = None
+    machines: list[str] = Field(default_factory=lambda: ["machine-1-2"], min_length=1)
+    train_rows: int | None = Field(default=None, ge=1)
+    test_rows: int | None = Field(default=None, ge=1)
+    speed: float = Field(default=0.0, ge=0.0)  # 0 = as fast as possible; else cadence × speed
+    interval_s: float = Field(default=60.0, gt=0)  # SMD samples once a minute
+
+
+class ModelSettings(_Section):
+    """The autoencoder each edge client trains and the federation averages."""
+
+    kind: Literal["mlp_autoencoder"] = "mlp_autoencoder"
+    hidden: list[int] = Field(default_factory=lambda: [16, 8], min_length=1)
+    learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
+    local_epochs: int = Field(default=2, ge=1, le=100)
+    batch_size: int = Field(default=64, ge=1, le=65_536)
+    proximal_mu: float = Field(default=0.0, ge=0.0)
+    seed: int = 0
+
+
+class ThresholdSettings(_Section):
+    """Per-source alert threshold, fitted on past scores only."""
+
+    quantile: float = Field(default=0.99, gt=0.5, lt=1.0)
+    warmup_events: int = Field(default=200, ge=10)
+    history: int = Field(default=5_000, ge=100)
+
+
+class EdgeSettings(_Section):
+    """One edge client: consume, score, alert, train in windows, publish updates."""
+
+    group_prefix: str = "edge"
+    max_batch_records: int = Field(default=500, ge=1, le=100_000)
+    poll_timeout_ms: int = Field(default=500, ge=10, le=60_000)
+    window_events: int = Field(default=2_000, ge=10)
+    hst_trees: int = Field(default=25, ge=1, le=500)
+    hst_height: int = Field(default=12, ge=2, le=30)
+    hst_window: int = Field(default=250, ge=10)
+    score_weight_ae: float = Field(default=1.0, ge=0.0)
+    scale_floor: float = Field(default=0.01, gt=0.0)
+    threshold: ThresholdSettings = ThresholdSettings()
+    train_on_labels: bool = False  # the edge never reads labels; kept for clarity in dumps
+
+
+class AggregatorSettings(_Section):
+    """The round coordinator that folds updates into the global model."""
+
+    quorum: int = Field(default=1, ge=1)
+    round_deadline_s: float = Field(default=60.0, gt=0)
+    max_rounds: int | None = Field(default=None, ge=1)
+    model_name: str = "smd-ae"
+
+
+class EvaluationSettings(_Section):
+    precision_at_k: list[int] = Field(default_factory=lambda: [100, 500])
+    seed: int = 0
+
+
+class AppConfig(_Section):
+    """The whole system's configuration, as the demo and every service read it."""
+
+    kafka: KafkaSettings = KafkaSettings()
+    replay: ReplaySettings = ReplaySettings()
+    model: ModelSettings = ModelSettings()
+    edge: EdgeSettings = EdgeSettings()
+    aggregator: AggregatorSettings = AggregatorSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    output_dir: Path = Path("runs/demo")
+    min_global_versions: int = Field(default=3, ge=1)
+
+
+def load_config(path: Path | str | None) -> AppConfig:
+    """Read a YAML file into an AppConfig; None gives the defaults.
+
+    Raises ConfigError listing every invalid key with its path and the reason.
+    """
+    if path is None:
+        return AppConfig()
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {str(path)!r} not found") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, object], source: str = "<dict>") -> AppConfig:
+    """Validate a mapping into an AppConfig, raising ConfigError with key paths."""
+    try:
+        return AppConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for problem in err.errors():
+            where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+            lines.append(f"  {where}: {problem['msg']} (got {problem.get('input')!r})")
+        msg = f"invalid configuration in {source}:\n" + "\n".join(lines)
+        raise ConfigError(msg) from None

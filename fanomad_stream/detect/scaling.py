@@ -1,0 +1,78 @@
+"""Streaming standardization with a floor on the scale.
+
+Only past rows move the statistics: a batch is transformed with the state from before it and
+learned afterwards, so a score never depends on the future. The scale floor stops columns that
+were constant so far from turning a tiny change into a z-score in the thousands.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class StreamingScaler:
+    """Per-feature running mean and variance (Chan et al. parallel update), mergeable.
+
+    Parameters
+    ----------
+    n_features
+        Width of every row.
+    scale_floor
+        Smallest standard deviation used to divide, in the units of the input. Must be > 0.
+    """
+
+    def __init__(self, n_features: int, scale_floor: float = 0.01) -> None:
+        if scale_floor <= 0:
+            msg = f"scale_floor must be > 0, got {scale_floor!r}"
+            raise ValueError(msg)
+        self.n_features = n_features
+        self.scale_floor = scale_floor
+        self.count = 0
+        self._mean = np.zeros(n_features, dtype=np.float64)
+        self._m2 = np.zeros(n_features, dtype=np.float64)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self._mean.copy()
+
+    @property
+    def std(self) -> np.ndarray:
+        if self.count < 2:
+            return np.ones(self.n_features)
+        return np.sqrt(self._m2 / (self.count - 1))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Standardize rows with the statistics seen so far (identity before any row)."""
+        if self.count == 0:
+            return np.asarray(x, dtype=np.float32)
+        scale = np.maximum(self.std, self.scale_floor)
+        return ((x - self._mean) / scale).astype(np.float32)
+
+    def learn(self, x: np.ndarray) -> None:
+        """Fold a batch of rows into the statistics."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape[0] == 0:
+            return
+        other = StreamingScaler(self.n_features, self.scale_floor)
+        other.count = x.shape[0]
+        other._mean = x.mean(axis=0)
+        other._m2 = ((x - other._mean) ** 2).sum(axis=0)
+        self += other
+
+    def __iadd__(self, other: StreamingScaler) -> StreamingScaler:
+        if other.count == 0:
+            return self
+        total = self.count + other.count
+        delta = other._mean - self._mean
+        self._mean = self._mean + delta * (other.count / total)
+        self._m2 = self._m2 + other._m2 + delta**2 * (self.count * other.count / total)
+        self.count = total
+        return self
+
+    def state(self) -> dict[str, object]:
+        return {"count": self.count, "mean": self._mean.copy(), "m2": self._m2.copy()}
+
+    def load_state(self, state: dict[str, object]) -> None:
+        self.count = int(state["count"])  # type: ignore[call-overload]
+        self._mean = np.asarray(state["mean"], dtype=np.float64).copy()
+        self._m2 = np.asarray(state["m2"], dtype=np.float64).copy()
