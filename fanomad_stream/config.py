@@ -65,6 +65,7 @@ class ModelSettings(_Section):
     """The autoencoder each edge client trains and the federation averages."""
 
     kind: Literal["mlp_autoencoder"] = "mlp_autoencoder"
+    n_features: int = Field(default=38, ge=1, le=100_000)
     hidden: list[int] = Field(default_factory=lambda: [16, 8], min_length=1)
     learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
     local_epochs: int = Field(default=2, ge=1, le=100)
@@ -94,13 +95,14 @@ class EdgeSettings(_Section):
     score_weight_ae: float = Field(default=1.0, ge=0.0)
     scale_floor: float = Field(default=0.01, gt=0.0)
     threshold: ThresholdSettings = ThresholdSettings()
-    train_on_labels: bool = False  # the edge never reads labels; kept for clarity in dumps
 
 
 class AggregatorSettings(_Section):
     """The round coordinator that folds updates into the global model."""
 
     quorum: int = Field(default=1, ge=1)
+    # Client ids allowed to send updates; an update from any other id is rejected.
+    clients: list[str] | None = None
     round_deadline_s: float = Field(default=60.0, gt=0)
     max_rounds: int | None = Field(default=None, ge=1)
     model_name: str = "smd-ae"

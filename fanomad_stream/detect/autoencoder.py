@@ -93,11 +93,14 @@ class AutoencoderDetector(Detector):
         set_weights(self.model, weights)
 
     @torch.no_grad()
-    def score_batch(self, x: np.ndarray) -> np.ndarray:
+    def reconstruction_error(self, x: np.ndarray) -> np.ndarray:
+        """Return the squared reconstruction error per row and feature, shape (B, F)."""
         batch = torch.from_numpy(check_batch(x, self.n_features))
         self.model.eval()
-        error = (self.model(batch) - batch).pow(2).mean(dim=1)
-        return error.numpy().astype(np.float64)
+        return (self.model(batch) - batch).pow(2).numpy().astype(np.float64)  # type: ignore[no-any-return]
+
+    def score_batch(self, x: np.ndarray) -> np.ndarray:
+        return self.reconstruction_error(x).mean(axis=1)  # type: ignore[no-any-return]
 
     def learn_batch(self, x: np.ndarray) -> None:
         self.train(x)

@@ -123,7 +123,6 @@ def decode(
             raw=False,
             ext_hook=hook,
             strict_map_key=True,
-            max_buffer_size=max_record_bytes,
         )
     except DecodeError:
         raise
@@ -224,6 +223,7 @@ def _describe(value: object) -> str:
 
 def _metric(body: dict[str, Any]) -> None:
     _need(body, "values", _float_vector)
+    _maybe(body, "index", _non_negative_int)
 
 
 def _label(body: dict[str, Any]) -> None:
@@ -254,7 +254,7 @@ def _update(body: dict[str, Any]) -> None:
 
 
 def _global(body: dict[str, Any]) -> None:
-    _need(body, "round", _non_negative_int)
+    _need(body, "round", _integer)  # -1 for version 0, the seeded initial model
     _need(body, "version", _non_negative_int)
     _need(body, "weights", _weights)
     _need(body, "clients", lambda name, value: None if isinstance(value, list) else _map(name, value))

@@ -11,6 +11,7 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.helpers import create_ssl_context
 
 from fanomad_stream.config import KafkaSettings
@@ -81,6 +82,21 @@ def make_consumer(
     return AIOKafkaConsumer(*[topic_name(settings, t) for t in topics], **options)
 
 
+async def topic_partitions(settings: KafkaSettings, topic: str) -> list[int]:
+    """Return the partition ids of ``topic``; raise LookupError when it does not exist."""
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    partitions = [p["partition"] for d in described if d["error_code"] == 0 for p in d["partitions"]]
+    if not partitions:
+        msg = f"topic {topic!r} does not exist; run `fanomad-stream topics apply` first"
+        raise LookupError(msg)
+    return sorted(partitions)
+
+
 class DeadLetters:
     """Writes records that failed to decode or validate to the ``dlq`` topic.
 
@@ -108,6 +124,8 @@ class DeadLetters:
         value = codec.encode("dead_letter", body, src=self._src, ts=ts)
         await self._producer.send(self._topic, value=value, key=topic.encode())
         self.count += 1
+        if self.count > 10 and self.count % 1000:
+            return  # the first ten and then every thousandth are logged; all are counted
         log.warning(
             "record_dead_lettered",
             topic=topic,

@@ -1,0 +1,211 @@
+"""The aggregator service: validate updates, fold FedAvg, close rounds, publish the model.
+
+Round r starts from global version r and its closing publishes version r + 1. An update is
+validated before any arithmetic (kind, known client, round, n_samples > 0, parameter names and
+shapes, finite values); a rejected one goes to the dead-letter topic with its reason. A round
+closes when ``quorum`` distinct clients have been folded, or at the deadline once at least one
+has. Offsets are committed only after the round they belong to is published, so a crash
+re-reads the round's updates instead of losing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+
+from fanomad_stream.config import AppConfig
+from fanomad_stream.detect.autoencoder import build_model, get_weights
+from fanomad_stream.errors import DecodeError, RoundError, UpdateRejectedError
+from fanomad_stream.federate.aggregate import WeightedSum, Weights, apply_delta
+from fanomad_stream.federate.global_model import GlobalModel, GlobalModelReader, publish_global
+from fanomad_stream.transport import codec
+from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
+
+log = structlog.get_logger(__name__)
+
+
+def validate_update(
+    body: dict[str, Any], *, current_round: int, template: Weights, allowed: set[str] | None, seen: set[str]
+) -> None:
+    """Raise UpdateRejectedError with a reason code unless the update may be folded."""
+    client = body["client_id"]
+    if allowed is not None and client not in allowed:
+        raise UpdateRejectedError("unknown_client", f"update from unknown client {client!r}; allowed: {sorted(allowed)}")
+    if body["round"] != current_round:
+        reason = "stale_round" if body["round"] < current_round else "future_round"
+        raise UpdateRejectedError(reason, f"update of client {client!r} is for round {body['round']}, the open round is {current_round}")
+    if client in seen:
+        raise UpdateRejectedError("duplicate", f"client {client!r} already sent an update for round {current_round}")
+    if body["n_samples"] <= 0:
+        raise UpdateRejectedError("no_samples", f"update of client {client!r} has n_samples={body['n_samples']}; it must be > 0")
+    delta = body["delta"]
+    if set(delta) != set(template):
+        missing, extra = sorted(set(template) - set(delta)), sorted(set(delta) - set(template))
+        raise UpdateRejectedError("parameters", f"update of client {client!r} has missing parameters {missing} and unknown ones {extra}")
+    for name, array in template.items():
+        if delta[name].shape != array.shape:
+            raise UpdateRejectedError(
+                "shape", f"parameter {name!r} of client {client!r} has shape {delta[name].shape}, the model has {array.shape}"
+            )
+        if not np.isfinite(delta[name]).all():
+            raise UpdateRejectedError("not_finite", f"parameter {name!r} of client {client!r} has NaN or infinite values")
+
+
+class Aggregator:
+    """Synchronous-round FedAvg over the ``fl.updates`` topic."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self.settings = config.aggregator
+        self._kafka = config.kafka
+        self._model_name = self.settings.model_name
+        self._allowed = set(self.settings.clients) if self.settings.clients else None
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._dead: DeadLetters | None = None
+        self._stopping = asyncio.Event()
+        self.model: GlobalModel | None = None
+        self._sum: WeightedSum | None = None
+        self._folded: list[str] = []
+        self._round_opened_at: float | None = None
+        self.rounds_completed = 0
+        self.rejected: dict[str, int] = {}
+        self._log = log.bind(model=self._model_name)
+
+    async def start(self) -> None:
+        assert self._producer is None, "Aggregator.start() called twice"
+        self._producer = make_producer(self._kafka)
+        await self._producer.start()
+        self._dead = DeadLetters(self._producer, self._kafka, src=f"aggregator:{self._model_name}")
+        self.model = await self._load_or_create_global()
+        self._open_round()
+        self._consumer = make_consumer(self._kafka, "fl.updates", group_id=f"aggregator-{self._model_name}")
+        await self._consumer.start()
+        self._log.info("aggregator_started", version=self.model.version)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+            self._log.info("aggregator_stopped", rounds=self.rounds_completed, rejected=self.rejected)
+
+    async def __aenter__(self) -> Aggregator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            await self.step()
+            if self.settings.max_rounds is not None and self.rounds_completed >= self.settings.max_rounds:
+                self._log.info("aggregator_max_rounds_reached", rounds=self.rounds_completed)
+                break
+
+    async def step(self) -> None:
+        """Consume one batch of updates and close the round if it is due."""
+        assert self._consumer is not None
+        batches = await self._consumer.getmany(timeout_ms=500, max_records=100)
+        for records in batches.values():
+            for record in records:
+                await self._handle(record)
+        if self._round_due():
+            await self._close_round()
+        elif batches and not self._folded:
+            await self._consumer.commit()  # nothing open depends on these offsets
+
+    async def _handle(self, record: ConsumerRecord) -> None:
+        assert self._dead is not None and self._sum is not None and self.model is not None
+        try:
+            envelope = codec.decode(record.value, expected_kinds=frozenset({"update"}))
+            validate_update(
+                envelope.body, current_round=self.model.version, template=self.model.weights,
+                allowed=self._allowed, seen=set(self._folded),
+            )
+        except (DecodeError, UpdateRejectedError) as err:
+            reason = getattr(err, "reason", "decode")
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            await self._dead.send(
+                topic=record.topic, partition=record.partition, offset=record.offset,
+                error=f"{reason}: {err}", raw=record.value, ts=time.time(),
+            )
+            return
+        body = envelope.body
+        self._sum.add(body["delta"], float(body["n_samples"]))
+        self._folded.append(body["client_id"])
+        if self._round_opened_at is None:
+            self._round_opened_at = time.monotonic()
+        self._log.info("update_folded", client_id=body["client_id"], round=body["round"], n_samples=body["n_samples"])
+
+    def _round_due(self) -> bool:
+        if not self._folded:
+            return False
+        if len(self._folded) >= self.settings.quorum:
+            return True
+        assert self._round_opened_at is not None
+        return time.monotonic() - self._round_opened_at >= self.settings.round_deadline_s
+
+    async def _close_round(self) -> None:
+        assert self._sum is not None and self.model is not None and self._consumer is not None
+        round_id = self.model.version
+        try:
+            mean = self._sum.mean()
+        except RoundError as err:
+            self._log.error("round_rejected", round=round_id, error=str(err))
+            self._open_round()
+            await self._consumer.commit()
+            return
+        started = self._round_opened_at or time.monotonic()
+        self.model = GlobalModel(
+            version=round_id + 1, round=round_id, weights=apply_delta(self.model.weights, mean),
+            clients=sorted(self._folded),
+        )
+        await self._publish(self.model)
+        await self._consumer.commit()
+        self.rounds_completed += 1
+        self._log.info(
+            "round_completed", round=round_id, version=self.model.version, clients=len(self._folded),
+            weight=self._sum.total_weight, duration_s=round(time.monotonic() - started, 3),
+        )
+        self._open_round()
+
+    def _open_round(self) -> None:
+        assert self.model is not None
+        self._sum = WeightedSum(self.model.weights)
+        self._folded = []
+        self._round_opened_at = None
+
+    async def _publish(self, model: GlobalModel) -> None:
+        assert self._producer is not None
+        await publish_global(self._producer, self._kafka, self._model_name, model, ts=time.time())
+
+    async def _load_or_create_global(self) -> GlobalModel:
+        """Resume from the newest published version, or publish version 0 from the seed."""
+        reader = GlobalModelReader(self._kafka, self._model_name)
+        await reader.start()
+        try:
+            await reader.catch_up()
+        finally:
+            await reader.stop()
+        if reader.latest is not None:
+            self._log.info("global_model_resumed", version=reader.latest.version)
+            return reader.latest
+        model_settings = self.config.model
+        weights = get_weights(build_model(model_settings.n_features, model_settings.hidden, model_settings.seed))
+        initial = GlobalModel(version=0, round=-1, weights=weights, clients=[])
+        await self._publish(initial)
+        self._log.info("global_model_initialised", version=0, parameters=sum(a.size for a in weights.values()))
+        return initial
