@@ -163,14 +163,14 @@ def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
     return np.stack([np.asarray(delta[name], dtype=np.float64) for delta in deltas])
 
 
-def _require_updates(deltas: Sequence[Mapping[str, np.ndarray]], what: str) -> None:
+def _require_updates(deltas: Sequence[Mapping[str, np.ndarray]], statistic: str) -> None:
     if not deltas:
-        msg = f"{what} of zero updates is undefined, so the global model stays as it was"
+        msg = f"{statistic} of zero updates is undefined, so the global model stays as it was"
         raise RoundError(msg)
 
 
 def coordinate_median(deltas: Sequence[Mapping[str, np.ndarray]]) -> Weights:
-    """Return the coordinate-wise median of ``deltas`` (Yin et al., ICML 2018).
+    """Return the coordinate-wise median of ``deltas``.
 
     Sample counts play no part: each client is one vote per coordinate. With an even count the
     median of a coordinate is the mean of its two middle values.
@@ -180,7 +180,7 @@ def coordinate_median(deltas: Sequence[Mapping[str, np.ndarray]]) -> Weights:
 
 
 def trimmed_mean(deltas: Sequence[Mapping[str, np.ndarray]], trim_fraction: float) -> Weights:
-    """Return the coordinate-wise trimmed mean of ``deltas`` (Yin et al., ICML 2018).
+    """Return the coordinate-wise trimmed mean of ``deltas``.
 
     For each coordinate, the ``floor(trim_fraction * n)`` largest and as many smallest values
     of the ``n`` updates are dropped and the rest averaged without sample weights.

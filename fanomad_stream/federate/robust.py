@@ -107,11 +107,11 @@ class TrimmedMean(_BufferedStrategy):
 class NormBounding(StrategyWrapper):
     """Scale every delta down to L2 norm ``max_norm`` before the inner strategy folds it.
 
-    Bounding the norm limits how far one client can move the global model (Sun et al., "Can
-    You Really Backdoor Federated Learning?", 2019). With ``client_side=True`` the server does
-    not clip: clients clip with ``aggregate.clip_by_norm`` and read ``max_update_norm`` from
-    ``configure_clients``. Only that form runs under secure aggregation, because the server
-    then never sees a single client's delta.
+    Bounding the norm limits how far one client can move the global model. With
+    ``client_side=True`` the server does not clip. Instead clients clip with
+    ``aggregate.clip_by_norm`` and read ``max_update_norm`` from ``configure_clients``. Only
+    that form runs under secure aggregation, because there the server receives no single
+    client's delta.
 
     Parameters
     ----------

@@ -1,8 +1,9 @@
-"""Adaptive server optimizers FedAdagrad, FedAdam and FedYogi (Reddi et al., ICLR 2021).
+"""Adaptive server optimizers FedAdagrad, FedAdam and FedYogi.
 
-The server treats the round's combined client delta as a pseudo-gradient ``g`` (it points
-the way the clients moved, so the step is added) and keeps per-coordinate moments across
-rounds, following Algorithm 2 of "Adaptive Federated Optimization":
+These are the server optimizers of Reddi et al., "Adaptive Federated Optimization" (ICLR
+2021). The server treats the round's combined client delta as a pseudo-gradient ``g``. It
+points the way the clients moved, so the step is added. Per-coordinate moments carry over
+from round to round:
 
     m_t = beta_1 * m_{t-1} + (1 - beta_1) * g
     v_t = v_{t-1} + g²                                        (FedAdagrad)
@@ -10,7 +11,8 @@ rounds, following Algorithm 2 of "Adaptive Federated Optimization":
     v_t = v_{t-1} - (1 - beta_2) * g² * sign(v_{t-1} - g²)    (FedYogi)
     x_{t+1} = x_t + eta * m_t / (sqrt(v_t) + tau)
 
-with ``m_{-1} = 0`` and ``v_{-1} = tau²``, and no bias correction, as in that algorithm. The
+The moments start at ``m = 0`` and ``v = tau²``, and no bias correction is applied, so the
+first rounds differ from an implementation that starts ``v`` at 0 or corrects the bias. The
 optimizers wrap the strategy that combines the deltas (FedAvg by default), so they need only
 the weighted sum of the deltas and run under secure aggregation whenever the inner strategy
 does. Moments are kept in float64 and are part of ``state_dict``, so a restored aggregator

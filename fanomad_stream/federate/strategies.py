@@ -41,9 +41,9 @@ class Strategy(ABC):
     """One round of server-side aggregation: begin, fold each update, finish.
 
     Call ``begin_round`` before the first ``fold`` of a round and ``finish_round`` exactly once
-    to close it; a strategy with server state (the moments of FedAdam) advances that state in
-    ``finish_round``. ``fold`` validates the update first and raises UpdateRejectedError with a
-    reason, leaving the round untouched, when the update does not fit the model.
+    to close it. A strategy with server state, such as the moments of FedAdam, advances that
+    state in ``finish_round``. ``fold`` validates the update first. When the update does not
+    fit the model it raises UpdateRejectedError with a reason and leaves the round untouched.
     """
 
     name: str = "strategy"
@@ -180,8 +180,8 @@ class FedAvg(RoundStrategy):
     Parameters
     ----------
     server_learning_rate
-        Factor on the averaged delta before it is added to the global weights (eta_g of
-        FedBuff and of the generalised FedAvg of Reddi et al., ICLR 2021). 1 is plain FedAvg.
+        Factor eta_g on the averaged delta before it is added to the global weights, > 0.
+        1 is plain FedAvg.
     """
 
     name = "fedavg"
@@ -220,7 +220,7 @@ class FedAvg(RoundStrategy):
 
 
 class FedProx(FedAvg):
-    """FedAvg on the server, with a proximal term in every client's loss (Li et al., MLSys 2020).
+    """FedAvg on the server, with the FedProx proximal term in every client's loss.
 
     The server side is FedAvg unchanged. Clients add ``mu / 2 * ||w - w_global||^2`` to their
     loss (``fedprox.proximal_term``) and read ``mu`` from ``configure_clients``.
