@@ -173,7 +173,7 @@ class RoundStrategy(Strategy):
 
 
 class FedAvg(RoundStrategy):
-    """Weighted mean of the deltas by sample count (McMahan et al., AISTATS 2017).
+    """Weighted mean of the deltas by sample count (McMahan et al., 2017).
 
     Streams: each ``fold`` adds into one float64 running sum, so memory is one model.
 
