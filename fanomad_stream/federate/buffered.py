@@ -92,7 +92,7 @@ class StalenessFunction:
 
 @dataclass(frozen=True)
 class SubmitResult:
-    """What ``BufferedAsyncAggregator.submit`` did with one update.
+    """Outcome of ``BufferedAsyncAggregator.submit`` for one update.
 
     ``status`` is one of:
 
@@ -124,8 +124,8 @@ class BufferedAsyncAggregator:
     weight, and with ``weight_by_samples`` its fold weight is ``n_samples``, so a buffer of
     stale updates moves the model less than a buffer of fresh ones. With ``weight_by_samples``
     off every update has fold weight 1, which is FedBuff's mean over the buffer. A wrapper
-    that bounds norms sees the scaled delta, so every update still moves the model by at most
-    the bound.
+    that bounds norms receives the scaled delta, so every update still moves the model by at
+    most the bound.
 
     Parameters
     ----------

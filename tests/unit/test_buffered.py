@@ -15,7 +15,7 @@ from fanomad_stream.federate.buffered import (
     StalenessFunction,
     staleness_weight,
 )
-from fanomad_stream.federate.robust import CoordinateMedian
+from fanomad_stream.federate.robust import CoordinateMedian, NormBounding
 from fanomad_stream.federate.server_optimizers import FedAdam
 from fanomad_stream.federate.strategies import FedAvg, Strategy
 
@@ -218,6 +218,12 @@ class TestBufferedAggregation:
         np.testing.assert_array_equal(
             aggregator.global_weights["w"], np.array([2.0, -2.0], dtype=np.float32)
         )
+
+    def test_norm_bound_applies_to_buffer(self) -> None:
+        """Under a norm-bounding wrapper a long delta moves the model by at most the bound."""
+        aggregator = _aggregator(NormBounding(FedAvg(), max_norm=1.0), buffer_size=1)
+        aggregator.submit("a", 0, _vector(3.0, 4.0), 1.0)
+        np.testing.assert_allclose(aggregator.global_weights["w"], [0.6, 0.8], rtol=1e-6)
 
     @pytest.mark.parametrize(
         ("kwargs", "name"),

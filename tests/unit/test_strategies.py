@@ -173,7 +173,7 @@ class TestRobust:
         np.testing.assert_array_equal(result["w"], np.array([12.0], dtype=np.float32))
 
     def test_buffered_memory_grows(self) -> None:
-        """Median and trimmed mean keep each delta, and say so through ``streaming``."""
+        """Median and trimmed mean keep each delta and report ``streaming`` as False."""
         strategy = CoordinateMedian()
         strategy.begin_round(_vector(0.0))
         for i in range(5):
