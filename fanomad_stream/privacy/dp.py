@@ -64,16 +64,16 @@ class SecureGaussian:
         cipher = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None)
         self._stream = cipher.encryptor()
 
-    def _uniform(self, count: int) -> np.ndarray:
-        """Return ``count`` uniform doubles in (0, 1]."""
+    def uniform(self, count: int) -> np.ndarray:
+        """Return ``count`` uniform doubles in (0, 1], for example for Poisson sampling."""
         raw = np.frombuffer(self._stream.update(bytes(8 * count)), dtype=np.uint64)
         return ((raw >> np.uint64(11)).astype(np.float64) + 1.0) / _TWO_POW_53
 
     def standard_normal(self, count: int) -> np.ndarray:
         """Return ``count`` independent N(0, 1) values as float64."""
         pairs = (count + 1) // 2
-        u1 = self._uniform(pairs)
-        u2 = self._uniform(pairs)
+        u1 = self.uniform(pairs)
+        u2 = self.uniform(pairs)
         radius = np.sqrt(-2.0 * np.log(u1))
         angle = 2.0 * np.pi * u2
         values = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])
