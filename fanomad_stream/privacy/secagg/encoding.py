@@ -12,6 +12,7 @@ can never wrap. Values outside the range are clipped and counted, never wrapped.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,3 +122,32 @@ class FixedPointCodec:
         ring = np.asarray(total, dtype=np.uint64) & np.uint64((1 << self.bits) - 1)
         signed = ring.astype(np.int64) - np.int64(count * self.offset)
         return signed.astype(np.float64) / 2.0**self.scale_bits
+
+
+Layout = list[tuple[str, tuple[int, ...]]]
+
+
+def flatten_update(update: Mapping[str, np.ndarray]) -> tuple[np.ndarray, Layout]:
+    """Return all parameters of ``update`` as one float64 vector, plus the layout to undo it.
+
+    Parameters are taken in sorted name order, so every client of a model gets the same order.
+    """
+    layout: Layout = [(name, tuple(np.shape(update[name]))) for name in sorted(update)]
+    parts = [np.asarray(update[name], dtype=np.float64).ravel() for name, _ in layout]
+    vector = np.concatenate(parts) if parts else np.zeros(0)
+    return vector, layout
+
+
+def unflatten_update(vector: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
+    """Split ``vector`` back into float32 arrays named and shaped by ``layout``."""
+    expected = sum(int(np.prod(shape)) for _, shape in layout)
+    if vector.size != expected:
+        msg = f"vector has {vector.size} values, the layout needs {expected}"
+        raise ValueError(msg)
+    arrays: dict[str, np.ndarray] = {}
+    begin = 0
+    for name, shape in layout:
+        size = int(np.prod(shape))
+        arrays[name] = vector[begin : begin + size].reshape(shape).astype(np.float32)
+        begin += size
+    return arrays

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from fanomad_stream.privacy.secagg.client import SecAggClient
 from fanomad_stream.privacy.secagg.messages import SERVER_ID, Message, RoundAbortedError
@@ -22,6 +22,7 @@ def run_local_round(
     *,
     drop_before: Mapping[str, str] | None = None,
     duplicate: bool = False,
+    wire: Callable[[Message], Message] | None = None,
 ) -> list[Message]:
     """Run a round to its end and return every message the server received.
 
@@ -34,6 +35,9 @@ def run_local_round(
         or ``unmask``) that the client never sends; it sends nothing from then on.
     duplicate
         Deliver every message twice, as an at-least-once transport may.
+    wire
+        Applied to every message before delivery, for example an encode and decode through
+        the record codec.
     """
     drop_before = dict(drop_before or {})
     stopped: set[str] = set()
@@ -48,7 +52,8 @@ def run_local_round(
             ):
                 stopped.add(sender)
                 continue
-            queue.extend([message, message] if duplicate else [message])
+            delivered = wire(message) if wire else message
+            queue.extend([delivered, delivered] if duplicate else [delivered])
 
     for client_id, client in clients.items():
         if drop_before.get(client_id) == "advertise_keys":
