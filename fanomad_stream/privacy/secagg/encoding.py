@@ -39,9 +39,10 @@ class FixedPointCodec:
     ----------
     clip_range
         Largest absolute value of one coordinate before weighting, in parameter units, > 0.
-        Larger coordinates are clipped to it and counted. After L2 clipping to C, C is a safe
-        choice, because no coordinate of the update can exceed its norm; DP noise shares may
-        still exceed it and are then counted.
+        Larger coordinates are clipped to it and counted. After L2 clipping to C no
+        coordinate exceeds C, but a client's DP noise share comes on top. Clipping a noised
+        value is not post-processing of the noised sum, so a round with a non-zero clipped
+        count has no DP guarantee: size the range as C plus several noise-share stds.
     scale_bits
         Fixed-point precision: one unit is 2^scale_bits steps, so the rounding step is
         2^-scale_bits, >= 0.
