@@ -118,6 +118,7 @@ class SecAggClient:
         body = {
             "encryption_key": primitives.public_bytes(self._encryption_key),
             "masking_key": primitives.public_bytes(self._masking_key),
+            "seed_commitment": primitives.seed_commitment(self._self_seed, self._commitment_info()),
         }
         return [self._to_server(ADVERTISE_KEYS, body)]
 
@@ -261,6 +262,11 @@ class SecAggClient:
         self.aborted_reason = reason
         self._held_shares.clear()
         self._self_seed = b""
+
+    def _commitment_info(self) -> bytes:
+        return primitives.context(
+            self.session, self.round_id, ADVERTISE_KEYS, self.client_id, SERVER_ID
+        )
 
     def _to_server(self, stage: str, body: dict[str, Any]) -> Message:
         return make_message(self.round_id, stage, self.client_id, SERVER_ID, body)

@@ -39,6 +39,16 @@ def context(session: str, round_id: int, stage: str, sender: str, recipient: str
     return msgpack.packb([PROTOCOL, session, round_id, stage, sender, recipient])
 
 
+def seed_commitment(seed: bytes, info: bytes) -> bytes:
+    """Return SHA-256(info || seed), which lets the server check a rebuilt self-mask seed.
+
+    The seed is 256 uniform bits, so the digest reveals nothing useful about it.
+    """
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(info + seed)
+    return digest.finalize()
+
+
 def new_private_key() -> X25519PrivateKey:
     """Return a fresh X25519 private key from the operating system's CSPRNG."""
     return X25519PrivateKey.generate()

@@ -133,11 +133,12 @@ class SecAggServer:
         ):
             self.ignored_messages += 1
             return []
-        reason = self._validate(str(stage), str(sender), message["body"])
-        if reason:
-            self.rejected.append((str(sender), reason))
+        body = message.get("body")
+        reason = self._validate(str(stage), str(sender), body) if isinstance(body, dict) else ""
+        if not isinstance(body, dict) or reason:
+            self.rejected.append((str(sender), reason or "message body must be a map"))
             return []
-        self._round.received[str(stage)][str(sender)] = message["body"]
+        self._round.received[str(stage)][str(sender)] = body
         if set(self._round.received[str(stage)]) == set(self._waiting_for()):
             return self._close_stage()
         return []
@@ -163,13 +164,19 @@ class SecAggServer:
         """Return why ``body`` is malformed for ``stage``, or "" when it is acceptable."""
         if stage == MASKED_INPUT:
             masked = body.get("masked")
-            if not isinstance(masked, np.ndarray) or masked.shape != (self.vector_length,):
-                return f"masked input must be a vector of {self.vector_length} ring elements"
+            if (
+                not isinstance(masked, np.ndarray)
+                or masked.shape != (self.vector_length,)
+                or masked.dtype.kind != "u"
+            ):
+                return f"masked input must be an unsigned vector of {self.vector_length} values"
+            if self.bits < 64 and masked.size and int(masked.max()) >> self.bits:
+                return f"masked input has values outside the ring [0, 2^{self.bits})"
         if stage == ADVERTISE_KEYS and not all(
             isinstance(body.get(k), bytes) and len(body[k]) == 32
-            for k in ("encryption_key", "masking_key")
+            for k in ("encryption_key", "masking_key", "seed_commitment")
         ):
-            return "advertised keys must be two 32-byte X25519 public keys"
+            return "advertise_keys must carry two 32-byte X25519 public keys and a seed commitment"
         if stage == SHARE_KEYS:
             expected = set(self._round.keys)
             ciphertexts = body.get("ciphertexts")
@@ -198,7 +205,11 @@ class SecAggServer:
             return self._route_shares(answered)
         if self.stage == MASKED_INPUT:
             return self._request_unmasking(answered)
-        self._unmask(answered)
+        try:
+            self._unmask(answered)
+        except ProtocolError as err:
+            # A corrupt share leaves the sum unknown, so the round ends without a result.
+            return self._abort(str(err))
         return []
 
     def _send_key_list(self, answered: list[str]) -> list[Message]:
@@ -241,7 +252,16 @@ class SecAggServer:
             total += self._round.received[MASKED_INPUT][client]["masked"].astype(np.uint64)
         for client in survivors:
             shares = {points[w]: responses[w]["seed_shares"][client] for w in answered}
-            seed = combine_shares(shares, threshold=self.threshold)
+            seed = self._rebuild(shares, f"the self-mask seed of {client!r}")
+            info = primitives.context(
+                self.session, self.round_id, ADVERTISE_KEYS, client, SERVER_ID
+            )
+            if (
+                primitives.seed_commitment(seed, info)
+                != self._round.keys[client]["seed_commitment"]
+            ):
+                msg = f"the self-mask seed rebuilt for {client!r} does not match its commitment"
+                raise ProtocolError(msg)
             total -= primitives.expand_mask(seed, self.vector_length, self.bits)
         for client in dropped:
             total = self._remove_pairwise_masks(total, client, answered, points)
@@ -260,7 +280,7 @@ class SecAggServer:
         """Subtract the masks that survivors added for ``dropped``, rebuilt from its key."""
         responses = self._round.received[UNMASK]
         shares = {points[w]: responses[w]["key_shares"][dropped] for w in answered}
-        raw_key = combine_shares(shares, threshold=self.threshold)
+        raw_key = self._rebuild(shares, f"the masking key of {dropped!r}")
         key = primitives.load_private_key(raw_key)
         if primitives.public_bytes(key) != self._round.keys[dropped]["masking_key"]:
             msg = f"the masking key rebuilt for {dropped!r} does not match its public key"
@@ -278,6 +298,13 @@ class SecAggServer:
             # The survivor added the mask when its id sorts first, and subtracted it otherwise.
             total = total - mask if survivor < dropped else total + mask
         return total
+
+    def _rebuild(self, shares: dict[int, bytes], description: str) -> bytes:
+        try:
+            return combine_shares(shares, threshold=self.threshold)
+        except (ValueError, TypeError) as err:
+            msg = f"could not rebuild {description} from {len(shares)} shares: {err}"
+            raise ProtocolError(msg) from err
 
     def _abort(self, reason: str) -> list[Message]:
         self.aborted_reason = reason

@@ -369,3 +369,33 @@ def test_flatten_roundtrip() -> None:
     np.testing.assert_array_equal(restored["b"], update["b"])
     with pytest.raises(ValueError, match="layout needs 7"):
         unflatten_update(vector[:6], layout)
+
+
+@pytest.mark.parametrize(
+    ("shift_secret", "fragment"),
+    [(True, "commitment"), (False, "could not rebuild")],
+    ids=["plausible-seed", "garbage"],
+)
+def test_corrupt_seed_share_aborts_round(shift_secret: bool, fragment: str) -> None:
+    """A wrong self-mask seed share is detected and the round aborts with no result."""
+    from fanomad_stream.privacy.secagg.shamir import PRIME, SHARE_BYTES
+
+    def corrupt(message: Message) -> Message:
+        if message["stage"] != UNMASK or message["sender"] != "edge-0":
+            return message
+        shares = dict(message["body"]["seed_shares"])
+        if shift_secret:
+            # edge-0 holds x = 1, and the server interpolates from x = 1, 2, 3, where the
+            # Lagrange weight of x = 1 is 3. Adding 3⁻¹ to the share moves the seed by 1.
+            value = int.from_bytes(shares["edge-2"], "big") + pow(3, -1, PRIME)
+            shares["edge-2"] = (value % PRIME).to_bytes(SHARE_BYTES, "big")
+        else:
+            shares["edge-2"] = bytes(SHARE_BYTES)
+        return dict(message, body=dict(message["body"], seed_shares=shares))
+
+    server, clients = _round(_inputs())
+    run_local_round(server, clients, wire=corrupt)
+    assert server.result is None
+    assert server.aborted_reason is not None
+    assert "edge-2" in server.aborted_reason
+    assert fragment in server.aborted_reason
