@@ -19,26 +19,47 @@ log = structlog.get_logger(__name__)
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fanomad-stream", description=__doc__)
     parser.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults)")
-    parser.add_argument("--bootstrap", help="Kafka bootstrap servers, overriding kafka.bootstrap_servers")
+    parser.add_argument(
+        "--bootstrap", help="Kafka bootstrap servers, overriding kafka.bootstrap_servers"
+    )
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    broker = commands.add_parser("broker", help="fetch, start, check or stop the local Kafka broker")
+    broker = commands.add_parser(
+        "broker", help="fetch, start, check or stop the local Kafka broker"
+    )
     broker.add_argument("action", choices=["fetch", "start", "status", "stop"])
-    broker.add_argument("--dir", type=Path, default=None, help="run folder (default: <cache>/broker)")
-    broker.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"client port on 127.0.0.1 (default {DEFAULT_PORT})")
+    broker.add_argument(
+        "--dir", type=Path, default=None, help="run folder (default: <cache>/broker)"
+    )
+    broker.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"client port on 127.0.0.1 (default {DEFAULT_PORT})",
+    )
 
     topics = commands.add_parser("topics", help="apply the topic catalog and report drift")
     topics.add_argument("action", choices=["apply"])
-    topics.add_argument("--catalog", type=Path, default=None, help="catalog YAML (default: topics/catalog.yaml)")
+    topics.add_argument(
+        "--catalog", type=Path, default=None, help="catalog YAML (default: topics/catalog.yaml)"
+    )
 
     replay = commands.add_parser("replay", help="produce a recorded data set into the topics")
     replay.add_argument("dataset", choices=["smd"])
     replay.add_argument("--machines", nargs="+", help="machine names, e.g. machine-1-2 machine-1-3")
-    replay.add_argument("--speed", type=float, help="0 = as fast as possible; N = N times the recorded cadence")
-    replay.add_argument("--train-rows", type=int, help="rows of each train half to send (default: all)")
-    replay.add_argument("--test-rows", type=int, help="rows of each test half to send (default: all)")
+    replay.add_argument(
+        "--speed", type=float, help="0 = as fast as possible; N = N times the recorded cadence"
+    )
+    replay.add_argument(
+        "--train-rows", type=int, help="rows of each train half to send (default: all)"
+    )
+    replay.add_argument(
+        "--test-rows", type=int, help="rows of each test half to send (default: all)"
+    )
     replay.add_argument("--data-dir", type=Path, help="folder with train/, test/ and test_label/")
 
     edge = commands.add_parser("edge", help="run one site's edge client until SIGTERM")
@@ -47,8 +68,12 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("aggregator", help="run the aggregator until SIGTERM")
 
-    evaluate = commands.add_parser("evaluate", help="join scores with labels, print and write the metrics")
-    evaluate.add_argument("--out", type=Path, help="output folder (default: output_dir of the config)")
+    evaluate = commands.add_parser(
+        "evaluate", help="join scores with labels, print and write the metrics"
+    )
+    evaluate.add_argument(
+        "--out", type=Path, help="output folder (default: output_dir of the config)"
+    )
     evaluate.add_argument("--no-local", action="store_true", help="skip the local-only baseline")
 
     commands.add_parser("demo", help="run the whole system once on a broker of its own")
@@ -62,11 +87,18 @@ def _with_overrides(config: AppConfig, args: argparse.Namespace) -> AppConfig:
         config = config.model_copy(update={"kafka": kafka})
     if args.command == "replay":
         updates = {
-            "machines": args.machines, "speed": args.speed, "train_rows": args.train_rows,
-            "test_rows": args.test_rows, "data_dir": args.data_dir,
+            "machines": args.machines,
+            "speed": args.speed,
+            "train_rows": args.train_rows,
+            "test_rows": args.test_rows,
+            "data_dir": args.data_dir,
         }
-        replay = config.replay.model_copy(update={k: v for k, v in updates.items() if v is not None})
-        config = config.model_copy(update={"replay": type(config.replay).model_validate(replay.model_dump())})
+        replay = config.replay.model_copy(
+            update={k: v for k, v in updates.items() if v is not None}
+        )
+        config = config.model_copy(
+            update={"replay": type(config.replay).model_validate(replay.model_dump())}
+        )
     return config
 
 
@@ -101,7 +133,9 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         from fanomad_stream.replay.smd import replay_smd
 
         report = asyncio.run(replay_smd(config.kafka, config.replay))
-        print(f"points: {report.points}\nlabels: {report.labels}\ntotal points: {report.total_points}")
+        print(
+            f"points: {report.points}\nlabels: {report.labels}\ntotal points: {report.total_points}"
+        )
         return 0
     if command in ("edge", "aggregator"):
         return _service(args, config)
@@ -129,11 +163,15 @@ def _broker(args: argparse.Namespace) -> int:
         print(fetch_classpath())
     elif args.action == "start":
         broker.start()
-        print(f"Kafka is up on {broker.bootstrap_servers} (pid {broker.pid()}, log {broker.log_file})")
+        print(
+            f"Kafka is up on {broker.bootstrap_servers} (pid {broker.pid()}, log {broker.log_file})"
+        )
     elif args.action == "status":
         pid = broker.pid()
         ready = pid is not None and broker.is_ready()
-        print(f"pid: {pid or 'none'}; answering metadata requests on {broker.bootstrap_servers}: {ready}")
+        print(
+            f"pid: {pid or 'none'}; answering metadata requests on {broker.bootstrap_servers}: {ready}"
+        )
         return 0 if ready else 1
     elif broker.stop():
         print("Kafka stopped")
@@ -146,9 +184,9 @@ def _service(args: argparse.Namespace, config: AppConfig) -> int:
     from fanomad_stream.service.runner import run_until_signalled
 
     if args.command == "edge":
-        from fanomad_stream.edge.client import EdgeClient
-
         import torch
+
+        from fanomad_stream.edge.client import EdgeClient
 
         torch.set_num_threads(1)
         client = EdgeClient(config, site=args.site, sources=args.sources or [args.site])

@@ -43,7 +43,10 @@ def run_demo(config: AppConfig, config_path: Path | None, timeout_s: float = 900
     run_dir = cache_dir() / "demo-broker"
     shutil.rmtree(run_dir, ignore_errors=True)
     broker = LocalBroker(run_dir=run_dir, port=free_port())
-    print(f"==> starting Kafka {broker.bootstrap_servers} (first run fetches the jars)", file=sys.stderr)
+    print(
+        f"==> starting Kafka {broker.bootstrap_servers} (first run fetches the jars)",
+        file=sys.stderr,
+    )
     broker.start()
     services: list[subprocess.Popen[bytes]] = []
     try:
@@ -56,7 +59,10 @@ def run_demo(config: AppConfig, config_path: Path | None, timeout_s: float = 900
 
 
 async def _run(
-    config: AppConfig, config_path: Path | None, services: list[subprocess.Popen[bytes]], timeout_s: float
+    config: AppConfig,
+    config_path: Path | None,
+    services: list[subprocess.Popen[bytes]],
+    timeout_s: float,
 ) -> int:
     report = await apply_catalog(config.kafka, load_catalog())
     print(f"==> topics created: {len(report.created)}", file=sys.stderr)
@@ -70,7 +76,10 @@ async def _run(
     services.append(_spawn([*base, "aggregator"], out_dir / "aggregator.log"))
     for machine in config.replay.machines:
         services.append(_spawn([*base, "edge", "--site", machine], out_dir / f"edge-{machine}.log"))
-    print(f"==> started the aggregator and {len(config.replay.machines)} edge clients", file=sys.stderr)
+    print(
+        f"==> started the aggregator and {len(config.replay.machines)} edge clients",
+        file=sys.stderr,
+    )
 
     replayed = await replay_smd(config.kafka, config.replay)
     print(f"==> replayed {replayed.total_points} points: {replayed.points}", file=sys.stderr)
@@ -86,8 +95,10 @@ async def _run(
     print()
     print(render_markdown(evaluation, config))
     print()
-    print(f"Replayed points: {replayed.total_points}; published scores: {scored}; "
-          f"global model versions on fl.global: {versions}.")
+    print(
+        f"Replayed points: {replayed.total_points}; published scores: {scored}; "
+        f"global model versions on fl.global: {versions}."
+    )
     print(f"Results: {json_path} and {md_path}; service logs in {out_dir}.")
     ok = scored == replayed.total_points and versions >= config.min_global_versions
     if not ok:
@@ -98,7 +109,9 @@ async def _run(
 def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with log_path.open("wb") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
 
 
 def _check_alive(services: list[subprocess.Popen[bytes]]) -> None:
@@ -138,7 +151,9 @@ async def _wait_for_versions(
     while True:
         _check_alive(services)
         records = await read_topic(config.kafka, "fl.global", frozenset({"global"}))
-        versions = len({r.envelope.body["version"] for r in records if r.envelope.body["version"] > 0})
+        versions = len(
+            {r.envelope.body["version"] for r in records if r.envelope.body["version"] > 0}
+        )
         if versions >= wanted or time.monotonic() > deadline:
             return versions
         await asyncio.sleep(1.0)

@@ -231,7 +231,10 @@ class LocalBroker:
         command += ["-t", kafka_cluster_id(), "-c", str(properties)]
         for user in self.scram_users:
             for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
-                command += ["--add-scram", f"{mechanism}=[name={user.name},password={user.password}]"]
+                command += [
+                    "--add-scram",
+                    f"{mechanism}=[name={user.name},password={user.password}]",
+                ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             msg = f"formatting Kafka storage in {self.run_dir} failed:\n{result.stdout[-1500:]}"
@@ -312,7 +315,9 @@ def _alive(pid: int) -> bool:
 async def _describe_cluster(bootstrap: str, timeout_s: float) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+    )
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
         await asyncio.wait_for(admin.describe_cluster(), timeout_s)

@@ -46,7 +46,10 @@ def build_model(n_features: int, hidden: list[int], seed: int) -> MLPAutoencoder
 
 def get_weights(model: nn.Module) -> Weights:
     """Copy the parameters out as float32 numpy arrays keyed by parameter name."""
-    return {name: p.detach().cpu().numpy().astype(np.float32, copy=True) for name, p in model.state_dict().items()}
+    return {
+        name: p.detach().cpu().numpy().astype(np.float32, copy=True)
+        for name, p in model.state_dict().items()
+    }
 
 
 def set_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
@@ -56,8 +59,12 @@ def set_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
         if name not in weights:
             raise ValueError(f"weights lack parameter {name!r}")
         if tuple(weights[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"parameter {name!r} has shape {weights[name].shape}, model needs {tuple(tensor.shape)}")
-    model.load_state_dict({name: torch.from_numpy(np.array(weights[name], dtype=np.float32)) for name in state})
+            raise ValueError(
+                f"parameter {name!r} has shape {weights[name].shape}, model needs {tuple(tensor.shape)}"
+            )
+    model.load_state_dict(
+        {name: torch.from_numpy(np.array(weights[name], dtype=np.float32)) for name in state}
+    )
 
 
 class AutoencoderDetector(Detector):
@@ -72,8 +79,15 @@ class AutoencoderDetector(Detector):
     name = "ae"
 
     def __init__(
-        self, n_features: int, *, hidden: list[int], learning_rate: float = 1e-3,
-        local_epochs: int = 2, batch_size: int = 64, proximal_mu: float = 0.0, seed: int = 0,
+        self,
+        n_features: int,
+        *,
+        hidden: list[int],
+        learning_rate: float = 1e-3,
+        local_epochs: int = 2,
+        batch_size: int = 64,
+        proximal_mu: float = 0.0,
+        seed: int = 0,
     ) -> None:
         self.n_features = n_features
         self.hidden = list(hidden)
@@ -124,7 +138,9 @@ class AutoencoderDetector(Detector):
                 loss = (self.model(batch) - batch).pow(2).mean()
                 losses.append(float(loss))
                 if self.proximal_mu > 0:
-                    drift = sum((p - start[n]).pow(2).sum() for n, p in self.model.named_parameters())
+                    drift = sum(
+                        (p - start[n]).pow(2).sum() for n, p in self.model.named_parameters()
+                    )
                     loss = loss + 0.5 * self.proximal_mu * drift
                 optimizer.zero_grad()
                 loss.backward()  # type: ignore[no-untyped-call]

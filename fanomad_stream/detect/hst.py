@@ -21,8 +21,14 @@ class HalfSpaceTreesDetector(Detector):
     name = "hst"
 
     def __init__(
-        self, n_features: int, *, n_trees: int = 25, height: int = 12, window_size: int = 250,
-        z_range: float = 4.0, seed: int = 0,
+        self,
+        n_features: int,
+        *,
+        n_trees: int = 25,
+        height: int = 12,
+        window_size: int = 250,
+        z_range: float = 4.0,
+        seed: int = 0,
     ) -> None:
         self.n_features = n_features
         self.n_trees = n_trees

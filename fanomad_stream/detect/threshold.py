@@ -15,7 +15,9 @@ class QuantileThreshold:
     threshold is +inf, so nothing alerts before there is a baseline.
     """
 
-    def __init__(self, quantile: float = 0.99, warmup_events: int = 200, history: int = 5000) -> None:
+    def __init__(
+        self, quantile: float = 0.99, warmup_events: int = 200, history: int = 5000
+    ) -> None:
         if not 0.5 < quantile < 1.0:
             msg = f"quantile must be in (0.5, 1), got {quantile!r}"
             raise ValueError(msg)

@@ -104,7 +104,9 @@ class EdgeClient:
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
-            self._log.info("edge_stopped", scored=self.counters.scored, updates=self.counters.updates_sent)
+            self._log.info(
+                "edge_stopped", scored=self.counters.scored, updates=self.counters.updates_sent
+            )
 
     async def __aenter__(self) -> EdgeClient:
         await self.start()
@@ -127,7 +129,8 @@ class EdgeClient:
         assert self._consumer is not None
         await self._refresh_global()
         batches = await self._consumer.getmany(
-            timeout_ms=self.config.edge.poll_timeout_ms, max_records=self.config.edge.max_batch_records
+            timeout_ms=self.config.edge.poll_timeout_ms,
+            max_records=self.config.edge.max_batch_records,
         )
         consumed = sum(len(records) for records in batches.values())
 
@@ -169,8 +172,12 @@ class EdgeClient:
                         raise DecodeError(msg)
                 except DecodeError as err:
                     await self._dead.send(
-                        topic=tp.topic, partition=tp.partition, offset=record.offset,
-                        error=str(err), raw=record.value, ts=time.time(),
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        offset=record.offset,
+                        error=str(err),
+                        raw=record.value,
+                        ts=time.time(),
                     )
                     self.counters.dead_letters += 1
                     continue
@@ -189,7 +196,9 @@ class EdgeClient:
             self.counters.per_source[source] += len(source_rows)
         return deliveries
 
-    async def _publish(self, source: str, rows: list[_Row], result: BatchResult) -> list[asyncio.Future[Any]]:
+    async def _publish(
+        self, source: str, rows: list[_Row], result: BatchResult
+    ) -> list[asyncio.Future[Any]]:
         """Queue a score per row and an alert per anomaly; return their delivery futures.
 
         ``send`` only appends to the producer's batch, so awaiting it in order keeps the
@@ -213,7 +222,11 @@ class EdgeClient:
             value = codec.encode("score", body, src=self.site, ts=row.ts)
             deliveries.append(await self._producer.send(scores_topic, value=value, key=key))
             if result.alert[i]:
-                body["ref"] = {"topic": self._metrics_topic, "partition": row.partition, "offset": row.offset}
+                body["ref"] = {
+                    "topic": self._metrics_topic,
+                    "partition": row.partition,
+                    "offset": row.offset,
+                }
                 body["top_features"] = result.top_features[i].tolist()
                 value = codec.encode("alert", body, src=self.site, ts=row.ts)
                 deliveries.append(await self._producer.send(alerts_topic, value=value, key=key))
@@ -243,7 +256,10 @@ class EdgeClient:
         self.last_update_round = round_id
         self.counters.updates_sent += 1
         self._log.info(
-            "update_sent", round=round_id, n_samples=n_samples, train_loss=round(self.pipeline.detector.last_loss, 6)
+            "update_sent",
+            round=round_id,
+            n_samples=n_samples,
+            train_loss=round(self.pipeline.detector.last_loss, 6),
         )
 
 

@@ -104,7 +104,12 @@ class EdgePipeline:
         self.window.extend(z)
         self.events_since_training += values.shape[0]
         return BatchResult(
-            score=score, threshold=threshold, alert=score > threshold, hst=hst, l2=l2, top_features=top
+            score=score,
+            threshold=threshold,
+            alert=score > threshold,
+            hst=hst,
+            l2=l2,
+            top_features=top,
         )
 
     def window_ready(self) -> bool:

@@ -75,7 +75,9 @@ def precision_at_k(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
     return float(labels[top].mean())
 
 
-def calibration_curve(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> list[tuple[float, float, int]]:
+def calibration_curve(
+    labels: np.ndarray, scores: np.ndarray, bins: int = 10
+) -> list[tuple[float, float, int]]:
     """Observed anomaly rate per score-quantile bin: (mean score rank, rate, count).
 
     Scores are not probabilities, so each score is first mapped to its rank in [0, 1]; a well
@@ -88,12 +90,17 @@ def calibration_curve(labels: np.ndarray, scores: np.ndarray, bins: int = 10) ->
     for b in range(bins):
         members = which == b
         if members.any():
-            curve.append((float(ranks[members].mean()), float(labels[members].mean()), int(members.sum())))
+            curve.append(
+                (float(ranks[members].mean()), float(labels[members].mean()), int(members.sum()))
+            )
     return curve
 
 
 def evaluate_scores(
-    labels: np.ndarray, scores: np.ndarray, decisions: np.ndarray | None = None, ks: tuple[int, ...] = (100,)
+    labels: np.ndarray,
+    scores: np.ndarray,
+    decisions: np.ndarray | None = None,
+    ks: tuple[int, ...] = (100,),
 ) -> DetectionMetrics:
     """Compute every metric of one series; ``decisions`` defaults to no alerts at all."""
     labels = np.asarray(labels).astype(np.int8)
@@ -101,7 +108,11 @@ def evaluate_scores(
     if labels.shape != scores.shape:
         msg = f"labels {labels.shape} and scores {scores.shape} must have the same shape"
         raise ValueError(msg)
-    decisions = np.zeros(labels.shape, dtype=bool) if decisions is None else np.asarray(decisions, dtype=bool)
+    decisions = (
+        np.zeros(labels.shape, dtype=bool)
+        if decisions is None
+        else np.asarray(decisions, dtype=bool)
+    )
     one_class = labels.min() == labels.max()
     precision, recall, f1 = f1_from_decisions(labels, decisions)
     _, _, pa_f1 = f1_from_decisions(labels, point_adjust(labels, decisions))

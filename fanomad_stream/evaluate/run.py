@@ -65,7 +65,9 @@ class Evaluation:
             "scores_total": self.scores_total,
             "labels_total": self.labels_total,
             "mean": {d: {c: self.mean(d, c) for c in (*TABLE_COLUMNS, "pa_f1")} for d in DETECTORS},
-            "per_source": {s: {d: m.as_dict() for d, m in by.items()} for s, by in self.per_source.items()},
+            "per_source": {
+                s: {d: m.as_dict() for d, m in by.items()} for s, by in self.per_source.items()
+            },
         }
 
 
@@ -73,9 +75,13 @@ def online_decisions(scores: np.ndarray, config: AppConfig, batch: int) -> np.nd
     """Apply the edge's quantile threshold rule to a score series in arrival order."""
     settings = config.edge.threshold
     rule = QuantileThreshold(settings.quantile, settings.warmup_events, settings.history)
-    thresholds = np.concatenate(
-        [rule.thresholds_for(scores[i : i + batch]) for i in range(0, scores.shape[0], batch)]
-    ) if scores.shape[0] else np.empty(0)
+    thresholds = (
+        np.concatenate(
+            [rule.thresholds_for(scores[i : i + batch]) for i in range(0, scores.shape[0], batch)]
+        )
+        if scores.shape[0]
+        else np.empty(0)
+    )
     return scores > thresholds
 
 
@@ -125,7 +131,9 @@ async def evaluate(config: AppConfig, *, with_local: bool = True) -> Evaluation:
             name: evaluate_scores(y, score[labelled], decided[labelled], ks)
             for name, (score, decided) in candidates.items()
         }
-        log.info("source_evaluated", source=source, labelled=int(labelled.sum()), positives=int(y.sum()))
+        log.info(
+            "source_evaluated", source=source, labelled=int(labelled.sum()), positives=int(y.sum())
+        )
     return result
 
 
@@ -173,7 +181,11 @@ def render_markdown(evaluation: Evaluation, config: AppConfig) -> str:
             continue
         cells = [f"{evaluation.mean(detector, c):.3f}" for c in TABLE_COLUMNS]
         if k:
-            pk = [m[detector].precision_at_k[k] for m in evaluation.per_source.values() if detector in m]
+            pk = [
+                m[detector].precision_at_k[k]
+                for m in evaluation.per_source.values()
+                if detector in m
+            ]
             cells.append(f"{float(np.nanmean(pk)):.3f}")
         cells.append(f"{evaluation.mean_pa_f1(detector):.3f}")
         lines.append(f"| {detector} | " + " | ".join(cells) + " |")

@@ -24,36 +24,57 @@ from fanomad_stream.errors import DecodeError, RoundError, UpdateRejectedError
 from fanomad_stream.federate.aggregate import WeightedSum, Weights, apply_delta
 from fanomad_stream.federate.global_model import GlobalModel, GlobalModelReader, publish_global
 from fanomad_stream.transport import codec
-from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
+from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer
 
 log = structlog.get_logger(__name__)
 
 
 def validate_update(
-    body: dict[str, Any], *, current_round: int, template: Weights, allowed: set[str] | None, seen: set[str]
+    body: dict[str, Any],
+    *,
+    current_round: int,
+    template: Weights,
+    allowed: set[str] | None,
+    seen: set[str],
 ) -> None:
     """Raise UpdateRejectedError with a reason code unless the update may be folded."""
     client = body["client_id"]
     if allowed is not None and client not in allowed:
-        raise UpdateRejectedError("unknown_client", f"update from unknown client {client!r}; allowed: {sorted(allowed)}")
+        raise UpdateRejectedError(
+            "unknown_client", f"update from unknown client {client!r}; allowed: {sorted(allowed)}"
+        )
     if body["round"] != current_round:
         reason = "stale_round" if body["round"] < current_round else "future_round"
-        raise UpdateRejectedError(reason, f"update of client {client!r} is for round {body['round']}, the open round is {current_round}")
+        raise UpdateRejectedError(
+            reason,
+            f"update of client {client!r} is for round {body['round']}, the open round is {current_round}",
+        )
     if client in seen:
-        raise UpdateRejectedError("duplicate", f"client {client!r} already sent an update for round {current_round}")
+        raise UpdateRejectedError(
+            "duplicate", f"client {client!r} already sent an update for round {current_round}"
+        )
     if body["n_samples"] <= 0:
-        raise UpdateRejectedError("no_samples", f"update of client {client!r} has n_samples={body['n_samples']}; it must be > 0")
+        raise UpdateRejectedError(
+            "no_samples",
+            f"update of client {client!r} has n_samples={body['n_samples']}; it must be > 0",
+        )
     delta = body["delta"]
     if set(delta) != set(template):
         missing, extra = sorted(set(template) - set(delta)), sorted(set(delta) - set(template))
-        raise UpdateRejectedError("parameters", f"update of client {client!r} has missing parameters {missing} and unknown ones {extra}")
+        raise UpdateRejectedError(
+            "parameters",
+            f"update of client {client!r} has missing parameters {missing} and unknown ones {extra}",
+        )
     for name, array in template.items():
         if delta[name].shape != array.shape:
             raise UpdateRejectedError(
-                "shape", f"parameter {name!r} of client {client!r} has shape {delta[name].shape}, the model has {array.shape}"
+                "shape",
+                f"parameter {name!r} of client {client!r} has shape {delta[name].shape}, the model has {array.shape}",
             )
         if not np.isfinite(delta[name]).all():
-            raise UpdateRejectedError("not_finite", f"parameter {name!r} of client {client!r} has NaN or infinite values")
+            raise UpdateRejectedError(
+                "not_finite", f"parameter {name!r} of client {client!r} has NaN or infinite values"
+            )
 
 
 class Aggregator:
@@ -84,7 +105,9 @@ class Aggregator:
         self._dead = DeadLetters(self._producer, self._kafka, src=f"aggregator:{self._model_name}")
         self.model = await self._load_or_create_global()
         self._open_round()
-        self._consumer = make_consumer(self._kafka, "fl.updates", group_id=f"aggregator-{self._model_name}")
+        self._consumer = make_consumer(
+            self._kafka, "fl.updates", group_id=f"aggregator-{self._model_name}"
+        )
         await self._consumer.start()
         self._log.info("aggregator_started", version=self.model.version)
 
@@ -96,7 +119,9 @@ class Aggregator:
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
-            self._log.info("aggregator_stopped", rounds=self.rounds_completed, rejected=self.rejected)
+            self._log.info(
+                "aggregator_stopped", rounds=self.rounds_completed, rejected=self.rejected
+            )
 
     async def __aenter__(self) -> Aggregator:
         await self.start()
@@ -111,7 +136,10 @@ class Aggregator:
     async def run(self) -> None:
         while not self._stopping.is_set():
             await self.step()
-            if self.settings.max_rounds is not None and self.rounds_completed >= self.settings.max_rounds:
+            if (
+                self.settings.max_rounds is not None
+                and self.rounds_completed >= self.settings.max_rounds
+            ):
                 self._log.info("aggregator_max_rounds_reached", rounds=self.rounds_completed)
                 break
 
@@ -132,15 +160,22 @@ class Aggregator:
         try:
             envelope = codec.decode(record.value, expected_kinds=frozenset({"update"}))
             validate_update(
-                envelope.body, current_round=self.model.version, template=self.model.weights,
-                allowed=self._allowed, seen=set(self._folded),
+                envelope.body,
+                current_round=self.model.version,
+                template=self.model.weights,
+                allowed=self._allowed,
+                seen=set(self._folded),
             )
         except (DecodeError, UpdateRejectedError) as err:
             reason = getattr(err, "reason", "decode")
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
             await self._dead.send(
-                topic=record.topic, partition=record.partition, offset=record.offset,
-                error=f"{reason}: {err}", raw=record.value, ts=time.time(),
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                error=f"{reason}: {err}",
+                raw=record.value,
+                ts=time.time(),
             )
             return
         body = envelope.body
@@ -148,7 +183,12 @@ class Aggregator:
         self._folded.append(body["client_id"])
         if self._round_opened_at is None:
             self._round_opened_at = time.monotonic()
-        self._log.info("update_folded", client_id=body["client_id"], round=body["round"], n_samples=body["n_samples"])
+        self._log.info(
+            "update_folded",
+            client_id=body["client_id"],
+            round=body["round"],
+            n_samples=body["n_samples"],
+        )
 
     def _round_due(self) -> bool:
         if not self._folded:
@@ -170,15 +210,21 @@ class Aggregator:
             return
         started = self._round_opened_at or time.monotonic()
         self.model = GlobalModel(
-            version=round_id + 1, round=round_id, weights=apply_delta(self.model.weights, mean),
+            version=round_id + 1,
+            round=round_id,
+            weights=apply_delta(self.model.weights, mean),
             clients=sorted(self._folded),
         )
         await self._publish(self.model)
         await self._consumer.commit()
         self.rounds_completed += 1
         self._log.info(
-            "round_completed", round=round_id, version=self.model.version, clients=len(self._folded),
-            weight=self._sum.total_weight, duration_s=round(time.monotonic() - started, 3),
+            "round_completed",
+            round=round_id,
+            version=self.model.version,
+            clients=len(self._folded),
+            weight=self._sum.total_weight,
+            duration_s=round(time.monotonic() - started, 3),
         )
         self._open_round()
 
@@ -204,8 +250,12 @@ class Aggregator:
             self._log.info("global_model_resumed", version=reader.latest.version)
             return reader.latest
         model_settings = self.config.model
-        weights = get_weights(build_model(model_settings.n_features, model_settings.hidden, model_settings.seed))
+        weights = get_weights(
+            build_model(model_settings.n_features, model_settings.hidden, model_settings.seed)
+        )
         initial = GlobalModel(version=0, round=-1, weights=weights, clients=[])
         await self._publish(initial)
-        self._log.info("global_model_initialised", version=0, parameters=sum(a.size for a in weights.values()))
+        self._log.info(
+            "global_model_initialised", version=0, parameters=sum(a.size for a in weights.values())
+        )
         return initial

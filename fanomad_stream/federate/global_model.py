@@ -28,12 +28,24 @@ class GlobalModel:
 
 
 async def publish_global(
-    producer: AIOKafkaProducer, settings: KafkaSettings, model_name: str, model: GlobalModel, *, ts: float
+    producer: AIOKafkaProducer,
+    settings: KafkaSettings,
+    model_name: str,
+    model: GlobalModel,
+    *,
+    ts: float,
 ) -> None:
     """Write a version to ``fl.global`` keyed by the model name and wait for the broker."""
-    body = {"round": model.round, "version": model.version, "weights": model.weights, "clients": model.clients}
+    body = {
+        "round": model.round,
+        "version": model.version,
+        "weights": model.weights,
+        "clients": model.clients,
+    }
     value = codec.encode("global", body, src=model_name, ts=ts)
-    await producer.send_and_wait(topic_name(settings, "fl.global"), value=value, key=model_name.encode())
+    await producer.send_and_wait(
+        topic_name(settings, "fl.global"), value=value, key=model_name.encode()
+    )
 
 
 class GlobalModelReader:
@@ -88,7 +100,9 @@ class GlobalModelReader:
         for tp in assignment:
             while await self._consumer.position(tp) < ends[tp]:
                 if asyncio.get_running_loop().time() > deadline:
-                    msg = f"reading {tp.topic} up to offset {ends[tp]} timed out after {timeout_s} s"
+                    msg = (
+                        f"reading {tp.topic} up to offset {ends[tp]} timed out after {timeout_s} s"
+                    )
                     raise TimeoutError(msg)
                 await self.poll(timeout_ms=200)
         return self.latest

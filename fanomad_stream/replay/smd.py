@@ -30,7 +30,10 @@ log = structlog.get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Searched in order when the config names no folder: the full data set beside the checkout,
 # then the sample the project ships.
-DEFAULT_DATA_DIRS = (REPO_ROOT.parent / "shared" / "data" / "smd", REPO_ROOT / "data" / "smd-sample")
+DEFAULT_DATA_DIRS = (
+    REPO_ROOT.parent / "shared" / "data" / "smd",
+    REPO_ROOT / "data" / "smd-sample",
+)
 START_TS = 1_700_000_000.0  # SMD publishes no absolute time; replayed streams start here
 
 
@@ -69,7 +72,11 @@ def resolve_data_dir(configured: Path | None) -> Path:
 def _read_matrix(path: Path, rows: int | None) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as handle:
-        lines = handle.readlines() if rows is None else [line for _, line in zip(range(rows), handle, strict=False)]
+        lines = (
+            handle.readlines()
+            if rows is None
+            else [line for _, line in zip(range(rows), handle, strict=False)]
+        )
     return np.loadtxt(lines, delimiter=",", dtype=np.float32, ndmin=2)
 
 
@@ -81,11 +88,15 @@ def _find(folder: Path, machine: str) -> Path:
     raise ConfigError(msg)
 
 
-def load_machine(data_dir: Path, machine: str, train_rows: int | None, test_rows: int | None) -> MachineSeries:
+def load_machine(
+    data_dir: Path, machine: str, train_rows: int | None, test_rows: int | None
+) -> MachineSeries:
     """Read one machine's train and test rows and the test labels."""
     train = _read_matrix(_find(data_dir / "train", machine), train_rows)
     test = _read_matrix(_find(data_dir / "test", machine), test_rows)
-    labels = np.loadtxt(data_dir / "test_label" / f"{machine}.txt", dtype=np.int8, ndmin=1)[: test.shape[0]]
+    labels = np.loadtxt(data_dir / "test_label" / f"{machine}.txt", dtype=np.int8, ndmin=1)[
+        : test.shape[0]
+    ]
     if labels.shape[0] != test.shape[0]:
         msg = f"{machine}: {test.shape[0]} test rows but {labels.shape[0]} labels"
         raise ConfigError(msg)
@@ -106,9 +117,18 @@ async def replay_smd(
 ) -> ReplayReport:
     """Produce the configured machines; return exact per-machine counts of points and labels."""
     data_dir = resolve_data_dir(settings.data_dir)
-    series = [load_machine(data_dir, m, settings.train_rows, settings.test_rows) for m in settings.machines]
+    series = [
+        load_machine(data_dir, m, settings.train_rows, settings.test_rows)
+        for m in settings.machines
+    ]
     total = sum(s.values.shape[0] for s in series)
-    log.info("replay_started", dataset="smd", data_dir=str(data_dir), machines=settings.machines, points=total)
+    log.info(
+        "replay_started",
+        dataset="smd",
+        data_dir=str(data_dir),
+        machines=settings.machines,
+        points=total,
+    )
 
     report = ReplayReport()
     metrics_topic, labels_topic = topic_name(kafka, "metrics.raw"), topic_name(kafka, "labels")
@@ -123,12 +143,18 @@ async def replay_smd(
             if settings.speed > 0:
                 await _pace(began, row * settings.interval_s / settings.speed)
             key = s.name.encode()
-            value = codec.encode("metric", {"index": row, "values": s.values[row]}, src=s.name, ts=ts)
+            value = codec.encode(
+                "metric", {"index": row, "values": s.values[row]}, src=s.name, ts=ts
+            )
             deliveries.append(await producer.send(metrics_topic, value=value, key=key))
             report.points[s.name] = report.points.get(s.name, 0) + 1
             if row >= s.train_rows:
                 label = {"index": row, "label": int(s.labels[row - s.train_rows])}
-                deliveries.append(await producer.send(labels_topic, codec.encode("label", label, src=s.name, ts=ts), key=key))
+                deliveries.append(
+                    await producer.send(
+                        labels_topic, codec.encode("label", label, src=s.name, ts=ts), key=key
+                    )
+                )
                 report.labels[s.name] = report.labels.get(s.name, 0) + 1
             if len(deliveries) >= chunk:
                 await asyncio.gather(*deliveries)
@@ -140,7 +166,12 @@ async def replay_smd(
         bar.close()
         await producer.stop()
     report.seconds = time.monotonic() - began
-    log.info("replay_finished", points=report.points, labels=report.labels, seconds=round(report.seconds, 2))
+    log.info(
+        "replay_finished",
+        points=report.points,
+        labels=report.labels,
+        seconds=round(report.seconds, 2),
+    )
     return report
 
 

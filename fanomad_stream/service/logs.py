@@ -19,7 +19,9 @@ def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
         msg = f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR"
         raise ValueError(msg)
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[
@@ -35,4 +37,8 @@ def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
         cache_logger_on_first_use=False,
     )
     # aiokafka logs through the standard library; keep its warnings, drop its chatter.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=max(numeric, logging.WARNING),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )

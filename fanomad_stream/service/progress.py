@@ -11,6 +11,12 @@ from tqdm import tqdm
 def progress_bar(*, total: int, unit: str, desc: str, enabled: bool = True) -> tqdm[Any]:
     tty = sys.stderr.isatty()
     return tqdm(
-        total=total, unit=unit, desc=desc, disable=not enabled, file=sys.stderr,
-        mininterval=0.5 if tty else 10.0, dynamic_ncols=tty, ascii=not tty,
+        total=total,
+        unit=unit,
+        desc=desc,
+        disable=not enabled,
+        file=sys.stderr,
+        mininterval=0.5 if tty else 10.0,
+        dynamic_ncols=tty,
+        ascii=not tty,
     )

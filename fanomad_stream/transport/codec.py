@@ -71,13 +71,17 @@ class _ArrayDecoder:
 
     def __call__(self, code: int, data: bytes) -> np.ndarray:
         if code != NDARRAY_EXT:
-            raise DecodeError(f"unknown msgpack extension type {code}; only {NDARRAY_EXT} (ndarray) is defined")
+            raise DecodeError(
+                f"unknown msgpack extension type {code}; only {NDARRAY_EXT} (ndarray) is defined"
+            )
         try:
             dtype, shape, raw = msgpack.unpackb(data, raw=False, use_list=True)
         except (ValueError, TypeError, msgpack.UnpackException) as err:
             raise DecodeError(f"malformed ndarray extension: {err}") from err
         if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
-            raise DecodeError(f"ndarray dtype {dtype!r} is not allowed; allowed: {sorted(ALLOWED_DTYPES)}")
+            raise DecodeError(
+                f"ndarray dtype {dtype!r} is not allowed; allowed: {sorted(ALLOWED_DTYPES)}"
+            )
         if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
             raise DecodeError(f"ndarray shape {shape!r} must be a list of non-negative integers")
         if not isinstance(raw, bytes):
@@ -90,7 +94,9 @@ class _ArrayDecoder:
             )
         expected = count * np.dtype(dtype).itemsize
         if len(raw) != expected:
-            raise DecodeError(f"ndarray of dtype {dtype} and shape {shape} needs {expected} bytes, got {len(raw)}")
+            raise DecodeError(
+                f"ndarray of dtype {dtype} and shape {shape} needs {expected} bytes, got {len(raw)}"
+            )
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
@@ -115,7 +121,9 @@ def decode(
     if raw is None or len(raw) == 0:
         raise DecodeError("record value is empty")
     if len(raw) > max_record_bytes:
-        raise DecodeError(f"record of {len(raw)} bytes exceeds the limit of {max_record_bytes} bytes")
+        raise DecodeError(
+            f"record of {len(raw)} bytes exceeds the limit of {max_record_bytes} bytes"
+        )
     hook = _ArrayDecoder(max_array_elements)
     try:
         obj = msgpack.unpackb(
@@ -136,12 +144,16 @@ def _validate_envelope(obj: object, expected_kinds: frozenset[str] | None) -> En
         raise DecodeError(f"record must be a msgpack map, got {type(obj).__name__}")
     version = obj.get("v")
     if version != SCHEMA_VERSION:
-        raise DecodeError(f"unknown schema version {version!r}; this build reads version {SCHEMA_VERSION}")
+        raise DecodeError(
+            f"unknown schema version {version!r}; this build reads version {SCHEMA_VERSION}"
+        )
     kind, src, ts, body = obj.get("kind"), obj.get("src"), obj.get("ts"), obj.get("body")
     if not isinstance(kind, str) or kind not in BODY_SCHEMAS:
         raise DecodeError(f"unknown record kind {kind!r}; known kinds: {sorted(BODY_SCHEMAS)}")
     if expected_kinds is not None and kind not in expected_kinds:
-        raise DecodeError(f"record kind {kind!r} does not belong here; expected one of {sorted(expected_kinds)}")
+        raise DecodeError(
+            f"record kind {kind!r} does not belong here; expected one of {sorted(expected_kinds)}"
+        )
     if not isinstance(src, str):
         raise DecodeError(f"record field 'src' must be a string, got {type(src).__name__}")
     if not isinstance(ts, float | int) or isinstance(ts, bool) or not math.isfinite(ts):
@@ -196,7 +208,9 @@ def _map(name: str, value: object) -> None:
 
 def _float_vector(name: str, value: object) -> None:
     if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind != "f":
-        raise DecodeError(f"body field {name!r} must be a 1-D float ndarray, got {_describe(value)}")
+        raise DecodeError(
+            f"body field {name!r} must be a 1-D float ndarray, got {_describe(value)}"
+        )
     if value.size == 0:
         raise DecodeError(f"body field {name!r} is empty")
     if not np.isfinite(value).all():
@@ -257,7 +271,9 @@ def _global(body: dict[str, Any]) -> None:
     _need(body, "round", _integer)  # -1 for version 0, the seeded initial model
     _need(body, "version", _non_negative_int)
     _need(body, "weights", _weights)
-    _need(body, "clients", lambda name, value: None if isinstance(value, list) else _map(name, value))
+    _need(
+        body, "clients", lambda name, value: None if isinstance(value, list) else _map(name, value)
+    )
 
 
 def _free(body: dict[str, Any]) -> None:

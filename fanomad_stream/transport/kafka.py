@@ -90,7 +90,9 @@ async def topic_partitions(settings: KafkaSettings, topic: str) -> list[int]:
         described = await admin.describe_topics([topic])
     finally:
         await admin.close()
-    partitions = [p["partition"] for d in described if d["error_code"] == 0 for p in d["partitions"]]
+    partitions = [
+        p["partition"] for d in described if d["error_code"] == 0 for p in d["partitions"]
+    ]
     if not partitions:
         msg = f"topic {topic!r} does not exist; run `fanomad-stream topics apply` first"
         raise LookupError(msg)

@@ -30,25 +30,33 @@ async def end_offsets(kafka: KafkaSettings, name: str) -> dict[int, int]:
     await consumer.start()
     try:
         topic = topic_name(kafka, name)
-        partitions = [TopicPartition(topic, p) for p in sorted(await topic_partitions(kafka, topic))]
+        partitions = [
+            TopicPartition(topic, p) for p in sorted(await topic_partitions(kafka, topic))
+        ]
         ends = await consumer.end_offsets(partitions)
         return {tp.partition: int(offset) for tp, offset in ends.items()}
     finally:
         await consumer.stop()
 
 
-async def read_topic(kafka: KafkaSettings, name: str, kinds: frozenset[str], timeout_s: float = 120.0) -> list[Keyed]:
+async def read_topic(
+    kafka: KafkaSettings, name: str, kinds: frozenset[str], timeout_s: float = 120.0
+) -> list[Keyed]:
     """Decode every record of a catalog topic up to its current end offsets.
 
     Records that fail to decode are counted and logged, not returned.
     """
-    consumer = make_consumer(kafka, group_id=None, max_partition_fetch_bytes=kafka.max_message_bytes + 1024 * 1024)
+    consumer = make_consumer(
+        kafka, group_id=None, max_partition_fetch_bytes=kafka.max_message_bytes + 1024 * 1024
+    )
     await consumer.start()
     out: list[Keyed] = []
     failed = 0
     try:
         topic = topic_name(kafka, name)
-        partitions = [TopicPartition(topic, p) for p in sorted(await topic_partitions(kafka, topic))]
+        partitions = [
+            TopicPartition(topic, p) for p in sorted(await topic_partitions(kafka, topic))
+        ]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
@@ -68,7 +76,9 @@ async def read_topic(kafka: KafkaSettings, name: str, kinds: frozenset[str], tim
                     except DecodeError:
                         failed += 1
                         continue
-                    out.append(Keyed((record.key or b"").decode(), envelope, tp.partition, record.offset))
+                    out.append(
+                        Keyed((record.key or b"").decode(), envelope, tp.partition, record.offset)
+                    )
             for tp in list(remaining):
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)

@@ -80,7 +80,9 @@ async def apply_catalog(settings: KafkaSettings, catalog: Catalog) -> ApplyRepor
     try:
         existing = set(await admin.list_topics())
         report = ApplyReport(created=[], unchanged=[], drift=[])
-        missing = [spec for spec in catalog.topics if topic_name(settings, spec.name) not in existing]
+        missing = [
+            spec for spec in catalog.topics if topic_name(settings, spec.name) not in existing
+        ]
         if missing:
             await admin.create_topics(
                 [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fanomad_stream.errors import ConfigError, DecodeError
+from fanomad_stream.errors import ConfigError
 from fanomad_stream.privacy.secagg import (
     FixedPointCodec,
     ProtocolError,
@@ -336,10 +336,6 @@ def test_codec_and_protocol_end_to_end() -> None:
     )
 
 
-@pytest.mark.xfail(
-    raises=DecodeError,
-    reason="codec.decode passes max_buffer_size, which msgpack 1.2.4 unpackb() rejects",
-)
 def test_messages_survive_record_codec() -> None:
     """Every protocol message travels through the Kafka record codec and the sum stays exact."""
     from fanomad_stream.transport import codec
