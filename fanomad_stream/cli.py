@@ -132,9 +132,9 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
     if command == "replay":
         from fanomad_stream.replay.smd import replay_smd
 
-        report = asyncio.run(replay_smd(config.kafka, config.replay))
+        replayed = asyncio.run(replay_smd(config.kafka, config.replay))
         print(
-            f"points: {report.points}\nlabels: {report.labels}\ntotal points: {report.total_points}"
+            f"points: {replayed.points}\nlabels: {replayed.labels}\ntotal points: {replayed.total_points}"
         )
         return 0
     if command in ("edge", "aggregator"):

@@ -117,7 +117,12 @@ def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
 def _check_alive(services: list[subprocess.Popen[bytes]]) -> None:
     for process in services:
         if process.poll() is not None:
-            msg = f"service {' '.join(process.args[-3:])!r} exited with code {process.returncode}; see its log"  # type: ignore[index]
+            args = (
+                [str(a) for a in process.args]
+                if isinstance(process.args, list)
+                else [str(process.args)]
+            )
+            msg = f"service {' '.join(args[-3:])!r} exited with code {process.returncode}; see its log"
             raise RuntimeError(msg)
 
 

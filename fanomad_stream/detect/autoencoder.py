@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -20,11 +21,11 @@ class MLPAutoencoder(nn.Module):
         super().__init__()
         sizes = [n_features, *hidden]
         encoder: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        for a, b in pairwise(sizes):
             encoder += [nn.Linear(a, b), nn.ReLU()]
         decoder: list[nn.Module] = []
         reverse = sizes[::-1]
-        for a, b in zip(reverse[:-1], reverse[1:], strict=True):
+        for a, b in pairwise(reverse):
             decoder += [nn.Linear(a, b), nn.ReLU()]
         decoder.pop()  # the output layer is linear
         self.encoder = nn.Sequential(*encoder)
@@ -143,7 +144,7 @@ class AutoencoderDetector(Detector):
                     )
                     loss = loss + 0.5 * self.proximal_mu * drift
                 optimizer.zero_grad()
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss.backward()
                 optimizer.step()
         self.last_loss = float(np.mean(losses)) if losses else float("nan")
         trained = self.weights()

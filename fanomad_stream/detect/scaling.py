@@ -39,14 +39,14 @@ class StreamingScaler:
     def std(self) -> np.ndarray:
         if self.count < 2:
             return np.ones(self.n_features)
-        return np.sqrt(self._m2 / (self.count - 1))
+        return np.asarray(np.sqrt(self._m2 / (self.count - 1)))
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Standardize rows with the statistics seen so far (identity before any row)."""
         if self.count == 0:
             return np.asarray(x, dtype=np.float32)
         scale = np.maximum(self.std, self.scale_floor)
-        return ((x - self._mean) / scale).astype(np.float32)
+        return np.asarray((x - self._mean) / scale, dtype=np.float32)
 
     def learn(self, x: np.ndarray) -> None:
         """Fold a batch of rows into the statistics."""

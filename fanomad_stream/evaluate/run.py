@@ -122,7 +122,7 @@ async def evaluate(config: AppConfig, *, with_local: bool = True) -> Evaluation:
             "hst": (s.hst, online_decisions(s.hst, config, batch)),
             "l2": (s.l2, online_decisions(s.l2, config, batch)),
         }
-        random_scores = rng.random(s.score.shape[0])
+        random_scores = np.asarray(rng.random(s.score.shape[0]), dtype=np.float64)
         candidates["random"] = (random_scores, online_decisions(random_scores, config, batch))
         if source in values:
             local = local_only_scores(values[source][s.index], config)
@@ -189,7 +189,7 @@ def render_markdown(evaluation: Evaluation, config: AppConfig) -> str:
             cells.append(f"{float(np.nanmean(pk)):.3f}")
         cells.append(f"{evaluation.mean_pa_f1(detector):.3f}")
         lines.append(f"| {detector} | " + " | ".join(cells) + " |")
-    confusion = defaultdict(int)
+    confusion: dict[str, int] = defaultdict(int)
     for metrics in evaluation.per_source.values():
         for key, count in metrics["system"].confusion.items():
             confusion[key] += count
