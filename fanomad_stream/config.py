@@ -87,6 +87,8 @@ class EdgeSettings(_Section):
 
     group_prefix: str = "edge"
     max_batch_records: int = Field(default=500, ge=1, le=100_000)
+    # Largest array a metric record may carry; bigger records are dead-lettered unparsed.
+    max_metric_values: int = Field(default=4096, ge=1, le=1_000_000)
     poll_timeout_ms: int = Field(default=500, ge=10, le=60_000)
     window_events: int = Field(default=2_000, ge=10)
     hst_trees: int = Field(default=25, ge=1, le=500)

@@ -122,6 +122,7 @@ class LocalBroker:
     scram_users: tuple[ScramUser, ...] = ()
     heap_mb: int = 512
     extra_properties: dict[str, str] = field(default_factory=dict)
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -173,6 +174,7 @@ class LocalBroker:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        self._process = process
         self.pid_file.write_text(str(process.pid))
         log.info("broker_starting", pid=process.pid, bootstrap=self.bootstrap_servers)
         self._wait_ready(process, timeout_s)
@@ -192,6 +194,9 @@ class LocalBroker:
         else:
             log.warning("broker_stop_timed_out", pid=pid, timeout_s=timeout_s)
             os.kill(pid, signal.SIGKILL)
+        if self._process is not None:
+            self._process.wait()  # reap our own child so it does not linger as a zombie
+            self._process = None
         self.pid_file.unlink(missing_ok=True)
         log.info("broker_stopped", pid=pid)
         return True

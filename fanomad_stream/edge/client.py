@@ -165,7 +165,11 @@ class EdgeClient:
                     self.counters.skipped += 1
                     continue
                 try:
-                    envelope = codec.decode(record.value, expected_kinds=METRIC_KINDS)
+                    envelope = codec.decode(
+                        record.value,
+                        expected_kinds=METRIC_KINDS,
+                        max_array_elements=self.config.edge.max_metric_values,
+                    )
                     values = envelope.body["values"].astype(np.float32)
                     if values.shape[0] != self.pipeline.n_features:
                         msg = f"metric has {values.shape[0]} values, the model expects {self.pipeline.n_features}"
