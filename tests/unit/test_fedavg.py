@@ -43,7 +43,7 @@ def test_zero_total_weight_raises() -> None:
     """A round whose total weight is zero raises RoundError instead of dividing by zero."""
     total = WeightedSum(TEMPLATE)
     total.add({"w": np.ones((2, 2)), "b": np.ones(2)}, 0.0)
-    with pytest.raises(RoundError, match="total weight 0.0"):
+    with pytest.raises(RoundError, match=r"total weight 0\.0"):
         total.mean()
 
 
