@@ -52,6 +52,7 @@ class EdgePipeline:
     detector: AutoencoderDetector = field(init=False)
     window: deque[np.ndarray] = field(init=False)
     events_since_training: int = 0
+    with_hst: bool = True  # the offline local-only baseline skips it: it needs the autoencoder only
 
     def __post_init__(self) -> None:
         self.detector = AutoencoderDetector(
@@ -94,7 +95,7 @@ class EdgePipeline:
 
         reconstruction = self.detector.reconstruction_error(z)
         score = reconstruction.mean(axis=1)
-        hst = state.hst.score_and_learn(z)
+        hst = state.hst.score_and_learn(z) if self.with_hst else np.zeros(z.shape[0])
         l2 = np.linalg.norm(z, axis=1).astype(np.float64)
         threshold = state.threshold.thresholds_for(score)
         top = np.argsort(-reconstruction, axis=1)[:, :3]

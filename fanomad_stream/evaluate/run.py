@@ -87,7 +87,7 @@ def online_decisions(scores: np.ndarray, config: AppConfig, batch: int) -> np.nd
 
 def local_only_scores(values: np.ndarray, config: AppConfig) -> np.ndarray:
     """Re-run the edge pipeline on one source without federation; return its scores."""
-    pipeline = EdgePipeline(config.model.n_features, config.edge, config.model)
+    pipeline = EdgePipeline(config.model.n_features, config.edge, config.model, with_hst=False)
     batch = config.edge.max_batch_records
     out = []
     for start in range(0, values.shape[0], batch):
