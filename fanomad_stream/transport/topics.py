@@ -8,6 +8,7 @@ rewriting retention on a live cluster is an operator's decision.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ async def apply_catalog(settings: KafkaSettings, catalog: Catalog) -> ApplyRepor
                 ]
             )
             report.created = [topic_name(settings, spec.name) for spec in missing]
+            await _wait_visible(admin, set(report.created))
         present = [spec for spec in catalog.topics if spec not in missing]
         for spec in present:
             problems = await _drift(admin, settings, spec)
@@ -113,6 +115,17 @@ async def apply_catalog(settings: KafkaSettings, catalog: Catalog) -> ApplyRepor
         return report
     finally:
         await admin.close()
+
+
+async def _wait_visible(admin: AIOKafkaAdminClient, names: set[str], timeout_s: float = 30.0) -> None:
+    """Wait until new topics appear in metadata, so an apply right after sees them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not names <= set(await admin.list_topics()):
+        if loop.time() > deadline:
+            msg = f"created topics {sorted(names)} did not appear in metadata within {timeout_s} s"
+            raise TimeoutError(msg)
+        await asyncio.sleep(0.2)
 
 
 async def _drift(admin: AIOKafkaAdminClient, settings: KafkaSettings, spec: TopicSpec) -> list[str]:
