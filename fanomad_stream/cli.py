@@ -16,21 +16,46 @@ from fanomad_stream.errors import FanomadError
 log = structlog.get_logger(__name__)
 
 
+def _add_common(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """Add the options every command takes; on a subcommand they default to "not given"."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=default(None),
+        help="YAML config file (default: built-in defaults)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        default=default(None),
+        help="Kafka bootstrap servers, overriding kafka.bootstrap_servers",
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=default(False),
+        help="log one JSON object per line",
+    )
+    parser.add_argument(
+        "--log-level", default=default("INFO"), help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fanomad-stream", description=__doc__)
-    parser.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults)")
-    parser.add_argument(
-        "--bootstrap", help="Kafka bootstrap servers, overriding kafka.bootstrap_servers"
-    )
-    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    parser.add_argument(
-        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
-    )
+    _add_common(parser, defaults=True)
+    # The same options also work after the subcommand (`fanomad-stream demo --config X`).
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common(common, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    broker = commands.add_parser(
-        "broker", help="fetch, start, check or stop the local Kafka broker"
-    )
+    def add_command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[common])
+
+    broker = add_command("broker", help="fetch, start, check or stop the local Kafka broker")
     broker.add_argument("action", choices=["fetch", "start", "status", "stop"])
     broker.add_argument(
         "--dir", type=Path, default=None, help="run folder (default: <cache>/broker)"
@@ -42,13 +67,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"client port on 127.0.0.1 (default {DEFAULT_PORT})",
     )
 
-    topics = commands.add_parser("topics", help="apply the topic catalog and report drift")
+    topics = add_command("topics", help="apply the topic catalog and report drift")
     topics.add_argument("action", choices=["apply"])
     topics.add_argument(
         "--catalog", type=Path, default=None, help="catalog YAML (default: topics/catalog.yaml)"
     )
 
-    replay = commands.add_parser("replay", help="produce a recorded data set into the topics")
+    replay = add_command("replay", help="produce a recorded data set into the topics")
     replay.add_argument("dataset", choices=["smd"])
     replay.add_argument("--machines", nargs="+", help="machine names, e.g. machine-1-2 machine-1-3")
     replay.add_argument(
@@ -62,22 +87,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--data-dir", type=Path, help="folder with train/, test/ and test_label/")
 
-    edge = commands.add_parser("edge", help="run one site's edge client until SIGTERM")
+    edge = add_command("edge", help="run one site's edge client until SIGTERM")
     edge.add_argument("--site", required=True, help="client id of the site")
     edge.add_argument("--sources", nargs="+", help="sources the site scores (default: the site id)")
 
-    commands.add_parser("aggregator", help="run the aggregator until SIGTERM")
+    add_command("aggregator", help="run the aggregator until SIGTERM")
 
-    evaluate = commands.add_parser(
-        "evaluate", help="join scores with labels, print and write the metrics"
-    )
+    evaluate = add_command("evaluate", help="join scores with labels, print and write the metrics")
     evaluate.add_argument(
         "--out", type=Path, help="output folder (default: output_dir of the config)"
     )
     evaluate.add_argument("--no-local", action="store_true", help="skip the local-only baseline")
 
-    commands.add_parser("demo", help="run the whole system once on a broker of its own")
-    commands.add_parser("bench", help="measure consume and scoring throughput")
+    add_command("demo", help="run the whole system once on a broker of its own")
+    add_command("bench", help="measure consume and scoring throughput")
     return parser
 
 

@@ -117,7 +117,9 @@ async def apply_catalog(settings: KafkaSettings, catalog: Catalog) -> ApplyRepor
         await admin.close()
 
 
-async def _wait_visible(admin: AIOKafkaAdminClient, names: set[str], timeout_s: float = 30.0) -> None:
+async def _wait_visible(
+    admin: AIOKafkaAdminClient, names: set[str], timeout_s: float = 30.0
+) -> None:
     """Wait until new topics appear in metadata, so an apply right after sees them."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s

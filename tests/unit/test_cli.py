@@ -1,0 +1,31 @@
+"""Command-line parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fanomad_stream.cli import _parser, main
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "c.yaml", "demo"],
+        ["demo", "--config", "c.yaml"],
+    ],
+)
+def test_config_before_or_after_command(argv: list[str]) -> None:
+    """--config is accepted on either side of the subcommand."""
+    args = _parser().parse_args(argv)
+    assert args.config == Path("c.yaml")
+    assert args.command == "demo"
+
+
+def test_bad_config_exits_with_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An invalid config file ends the command with exit code 2 and the key's path."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("edge:\n  window_events: -5\n")
+    assert main(["--config", str(bad), "evaluate"]) == 2
+    assert "edge.window_events" in capsys.readouterr().err
