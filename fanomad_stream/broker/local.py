@@ -2,7 +2,7 @@
 
 The broker's classpath is assembled from Maven Central by ``pom.xml`` beside this file and kept
 in the cache folder, so only the first run downloads it (about 45 MB). The broker runs as
-``java -cp '<lib>/*' kafka.Kafka server.properties`` in a run folder that holds its data, its log
+``java -cp '<lib>/*' kafka.Kafka server.properties`` in a run folder that contains its data, its log
 and a pid file, so the start, status and stop commands can be separate processes.
 """
 
@@ -149,7 +149,7 @@ class LocalBroker:
         return pid
 
     def start(self, timeout_s: float = 90.0) -> None:
-        """Format the storage (first start only), launch the JVM and wait until it answers.
+        """Format the storage (first start only), launch the JVM and wait until it responds.
 
         Raises BrokerError when the process exits early and BrokerNotReadyError when it does
         not answer a metadata request within ``timeout_s``; the log tail is in the message.
@@ -202,7 +202,7 @@ class LocalBroker:
         return True
 
     def is_ready(self, timeout_s: float = 5.0) -> bool:
-        """Return True when the broker answers a metadata request."""
+        """Return True when the broker responds to a metadata request."""
         try:
             asyncio.run(_describe_cluster(self.bootstrap_servers, timeout_s))
         except Exception:  # any failure means "not ready"; the caller decides what to do

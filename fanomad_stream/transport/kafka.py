@@ -65,7 +65,7 @@ def make_producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer
 def make_consumer(
     settings: KafkaSettings, *topics: str, group_id: str | None, **overrides: Any
 ) -> AIOKafkaConsumer:
-    """Create (not start) a consumer that commits only when told to.
+    """Create (not start) a consumer that commits only on an explicit commit() call.
 
     Values are left as bytes: decoding happens per record in our code, so a bad record becomes
     a dead letter instead of an exception inside the fetcher.

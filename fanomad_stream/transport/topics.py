@@ -120,7 +120,7 @@ async def apply_catalog(settings: KafkaSettings, catalog: Catalog) -> ApplyRepor
 async def _wait_visible(
     admin: AIOKafkaAdminClient, names: set[str], timeout_s: float = 30.0
 ) -> None:
-    """Wait until new topics appear in metadata, so an apply right after sees them."""
+    """Wait until new topics appear in metadata, so that an immediate second apply finds them."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while not names <= set(await admin.list_topics()):
