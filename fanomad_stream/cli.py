@@ -6,12 +6,18 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from fanomad_stream.broker.local import DEFAULT_PORT, LocalBroker, cache_dir, fetch_classpath
 from fanomad_stream.config import AppConfig, load_config
 from fanomad_stream.errors import FanomadError
+from fanomad_stream.service.metrics import DEFAULT_METRICS_HOST
+
+if TYPE_CHECKING:
+    from fanomad_stream.edge.client import EdgeClient
+    from fanomad_stream.federate.aggregator import Aggregator
 
 log = structlog.get_logger(__name__)
 
@@ -91,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     edge.add_argument("--site", required=True, help="client id of the site")
     edge.add_argument("--sources", nargs="+", help="sources the site scores (default: the site id)")
 
-    add_command("aggregator", help="run the aggregator until SIGTERM")
+    aggregator = add_command("aggregator", help="run the aggregator until SIGTERM")
+    for service in (edge, aggregator):
+        _add_metrics_options(service)
 
     evaluate = add_command("evaluate", help="join scores with labels, print and write the metrics")
     evaluate.add_argument(
@@ -102,6 +110,21 @@ def _parser() -> argparse.ArgumentParser:
     add_command("demo", help="run the whole system once on a broker of its own")
     add_command("bench", help="measure consume and scoring throughput")
     return parser
+
+
+def _add_metrics_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this TCP port at /metrics (default: no endpoint)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=DEFAULT_METRICS_HOST,
+        help=f"address the metrics endpoint binds (default {DEFAULT_METRICS_HOST}; "
+        "0.0.0.0 in a container)",
+    )
 
 
 def _with_overrides(config: AppConfig, args: argparse.Namespace) -> AppConfig:
@@ -204,20 +227,33 @@ def _broker(args: argparse.Namespace) -> int:
 
 
 def _service(args: argparse.Namespace, config: AppConfig) -> int:
+    from fanomad_stream.service.metrics import serve_metrics
     from fanomad_stream.service.runner import run_until_signalled
 
+    service: EdgeClient | Aggregator
     if args.command == "edge":
         import torch
 
         from fanomad_stream.edge.client import EdgeClient
 
         torch.set_num_threads(1)
-        client = EdgeClient(config, site=args.site, sources=args.sources or [args.site])
-        asyncio.run(run_until_signalled(client, f"edge:{args.site}"))
+        service = EdgeClient(config, site=args.site, sources=args.sources or [args.site])
+        name = f"edge:{args.site}"
     else:
         from fanomad_stream.federate.aggregator import Aggregator
 
-        asyncio.run(run_until_signalled(Aggregator(config), "aggregator"))
+        service = Aggregator(config)
+        name = "aggregator"
+    endpoint = None
+    if args.metrics_port is not None:
+        endpoint = serve_metrics(
+            service.metrics.registry, port=args.metrics_port, host=args.metrics_host
+        )
+    try:
+        asyncio.run(run_until_signalled(service, name))
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     return 0
 
 

@@ -20,6 +20,7 @@ from fanomad_stream.config import AppConfig
 from fanomad_stream.edge.pipeline import BatchResult, EdgePipeline
 from fanomad_stream.errors import DecodeError
 from fanomad_stream.federate.global_model import GlobalModelReader
+from fanomad_stream.service.metrics import EdgeMetrics
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
 
@@ -72,6 +73,7 @@ class EdgeClient:
         self.sources = {s.encode(): s for s in sources}
         self.pipeline = EdgePipeline(config.model.n_features, config.edge, config.model)
         self.counters = EdgeCounters()
+        self.metrics = EdgeMetrics(site)
         self.global_version = -1
         self.last_update_round = -1
         self._kafka = config.kafka
@@ -143,6 +145,9 @@ class EdgeClient:
             await self._consumer.commit()
             self.counters.consumed += consumed
 
+        self.metrics.record_consumed(consumed)
+        await self.metrics.record_lag(self._consumer)
+
         if self.pipeline.window_ready() and self.global_version > self.last_update_round:
             await self._train_and_send()
         return consumed
@@ -194,7 +199,14 @@ class EdgeClient:
         for source, source_rows in rows.items():
             values = np.stack([row.values for row in source_rows])
             # Scoring runs in a worker thread so the consumer's heartbeats keep flowing.
+            started = time.perf_counter()
             result = await asyncio.to_thread(self.pipeline.process, source, values)
+            self.metrics.record_scored(
+                source,
+                events=len(source_rows),
+                alerts=int(result.alert.sum()),
+                seconds=time.perf_counter() - started,
+            )
             deliveries += await self._publish(source, source_rows, result)
             self.counters.scored += len(source_rows)
             self.counters.per_source[source] += len(source_rows)

@@ -23,6 +23,7 @@ from fanomad_stream.detect.autoencoder import build_model, get_weights
 from fanomad_stream.errors import DecodeError, RoundError, UpdateRejectedError
 from fanomad_stream.federate.aggregate import WeightedSum, Weights, apply_delta
 from fanomad_stream.federate.global_model import GlobalModel, GlobalModelReader, publish_global
+from fanomad_stream.service.metrics import AggregatorMetrics
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer
 
@@ -96,6 +97,7 @@ class Aggregator:
         self._round_opened_at: float | None = None
         self.rounds_completed = 0
         self.rejected: dict[str, int] = {}
+        self.metrics = AggregatorMetrics()
         self._log = log.bind(model=self._model_name)
 
     async def start(self) -> None:
@@ -169,6 +171,7 @@ class Aggregator:
         except (DecodeError, UpdateRejectedError) as err:
             reason = getattr(err, "reason", "decode")
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            self.metrics.record_rejected(reason)
             await self._dead.send(
                 topic=record.topic,
                 partition=record.partition,
@@ -181,6 +184,7 @@ class Aggregator:
         body = envelope.body
         self._sum.add(body["delta"], float(body["n_samples"]))
         self._folded.append(body["client_id"])
+        self.metrics.record_privacy(body["client_id"], body.get("privacy"))
         if self._round_opened_at is None:
             self._round_opened_at = time.monotonic()
         self._log.info(
@@ -218,6 +222,7 @@ class Aggregator:
         await self._publish(self.model)
         await self._consumer.commit()
         self.rounds_completed += 1
+        self.metrics.record_round(seconds=time.monotonic() - started, clients=len(self._folded))
         self._log.info(
             "round_completed",
             round=round_id,
