@@ -30,7 +30,12 @@ class KafkaSettings(_Section):
     sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] | None = None
     sasl_username: str | None = None
     sasl_password: str | None = None
+    # TLS (security_protocol SSL or SASL_SSL): the CA that signed the broker certificates
+    # (system CAs when unset), and an optional client certificate and key for mutual TLS.
     ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_key_password: str | None = None
     topic_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
     # Model updates are single records; producer, topic and consumer limits all follow this.
     max_message_bytes: int = Field(default=16 * MiB, ge=1 * MiB, le=64 * MiB)
@@ -45,6 +50,9 @@ class KafkaSettings(_Section):
                 f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username "
                 "and sasl_password"
             )
+            raise ValueError(msg)
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            msg = "ssl_keyfile is set without ssl_certfile; set both for mutual TLS, or neither"
             raise ValueError(msg)
         return self
 

@@ -120,6 +120,13 @@ class LocalBroker:
     controller_port: int | None = None
     sasl_port: int | None = None
     scram_users: tuple[ScramUser, ...] = ()
+    # A TLS listener needs a PEM file with the broker's private key (PKCS#8) and certificate
+    # chain. ssl_key_password is needed only when that key is encrypted.
+    # NOTE: Kafka 4.3.1 on Java 17 failed to load a PBES2-encrypted key ("PBES2 SecretKeyFactory
+    # not available"), which is the encryption `cryptography` writes; unencrypted keys load.
+    ssl_port: int | None = None
+    ssl_keystore_pem: Path | None = None
+    ssl_key_password: str | None = None
     heap_mb: int = 512
     extra_properties: dict[str, str] = field(default_factory=dict)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -250,6 +257,8 @@ class LocalBroker:
         listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
         if self.sasl_port is not None:
             listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
+        if self.ssl_port is not None:
+            listeners.append(f"SSL://127.0.0.1:{self.ssl_port}")
         values = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -259,7 +268,7 @@ class LocalBroker:
             "inter.broker.listener.name": "PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": (
-                "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT"
+                "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL"
             ),
             "log.dirs": str(self.run_dir / "data"),
             "num.partitions": "1",
@@ -284,10 +293,27 @@ class LocalBroker:
             for mechanism in ("scram-sha-256", "scram-sha-512"):
                 key = f"listener.name.sasl_plaintext.{mechanism}.sasl.jaas.config"
                 values[key] = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        if self.ssl_port is not None:
+            values.update(self._ssl_properties())
         values.update(self.extra_properties)
         path = self.run_dir / "server.properties"
         path.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
         return path
+
+    def _ssl_properties(self) -> dict[str, str]:
+        if self.ssl_keystore_pem is None:
+            msg = (
+                "ssl_port is set but ssl_keystore_pem is not; give the PEM key and certificate file"
+            )
+            raise BrokerError(msg)
+        values = {
+            "listener.name.ssl.ssl.keystore.type": "PEM",
+            "listener.name.ssl.ssl.keystore.location": str(self.ssl_keystore_pem),
+            "listener.name.ssl.ssl.client.auth": "none",
+        }
+        if self.ssl_key_password is not None:
+            values["listener.name.ssl.ssl.key.password"] = self.ssl_key_password
+        return values
 
     def _wait_ready(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

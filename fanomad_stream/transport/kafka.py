@@ -44,8 +44,13 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
 
 
 def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
-    cafile = str(settings.ssl_cafile) if settings.ssl_cafile else None
-    return create_ssl_context(cafile=cafile)  # type: ignore[no-any-return]
+    # aiokafka's context always verifies the broker certificate and its host name.
+    return create_ssl_context(  # type: ignore[no-any-return]
+        cafile=settings.ssl_cafile,
+        certfile=settings.ssl_certfile,
+        keyfile=settings.ssl_keyfile,
+        password=settings.ssl_key_password,
+    )
 
 
 def make_producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
