@@ -107,6 +107,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--no-local", action="store_true", help="skip the local-only baseline")
 
+    report = add_command(
+        "report", help="render an HTML page and PNG plots from an evaluation's output folder"
+    )
+    report.add_argument(
+        "--from",
+        dest="evaluation_dir",
+        type=Path,
+        help="folder that `evaluate` wrote (default: output_dir of the config)",
+    )
+    report.add_argument("--out", type=Path, help="report folder (default: <from>/report)")
+
     add_command("demo", help="run the whole system once on a broker of its own")
     add_command("bench", help="measure consume and scoring throughput")
     return parser
@@ -191,6 +202,12 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         evaluation = asyncio.run(evaluate(config, with_local=not args.no_local))
         write_outputs(evaluation, config, args.out or config.output_dir)
         print(render_markdown(evaluation, config))
+        return 0
+    if command == "report":
+        from fanomad_stream.evaluate.report import render_report
+
+        page = render_report(args.evaluation_dir or config.output_dir, args.out)
+        print(f"report: {page}")
         return 0
     if command == "demo":
         from fanomad_stream.demo import run_demo

@@ -29,6 +29,14 @@ from fanomad_stream.config import AppConfig
 from fanomad_stream.detect.threshold import QuantileThreshold
 from fanomad_stream.edge.pipeline import EdgePipeline
 from fanomad_stream.evaluate.metrics import DetectionMetrics, evaluate_scores
+from fanomad_stream.evaluate.series import (
+    RoundRecord,
+    Series,
+    collect_rounds,
+    save_rounds,
+    save_series,
+    source_arrays,
+)
 from fanomad_stream.transport.reader import read_topic
 
 log = structlog.get_logger(__name__)
@@ -41,6 +49,7 @@ TABLE_COLUMNS = ("auroc", "pr_auc", "best_f1", "f1_operating")
 class SourceSeries:
     index: np.ndarray
     score: np.ndarray
+    threshold: np.ndarray
     alert: np.ndarray
     hst: np.ndarray
     l2: np.ndarray
@@ -51,6 +60,9 @@ class Evaluation:
     per_source: dict[str, dict[str, DetectionMetrics]] = field(default_factory=dict)
     scores_total: int = 0
     labels_total: int = 0
+    # What the report plots: per-source series and the round history (not in the JSON).
+    series: Series = field(default_factory=dict)
+    rounds: list[RoundRecord] = field(default_factory=list)
 
     def mean(self, detector: str, column: str) -> float:
         values = [getattr(m[detector], column) for m in self.per_source.values() if detector in m]
@@ -131,9 +143,14 @@ async def evaluate(config: AppConfig, *, with_local: bool = True) -> Evaluation:
             name: evaluate_scores(y, score[labelled], decided[labelled], ks)
             for name, (score, decided) in candidates.items()
         }
+        baselines = {name: score for name, (score, _) in candidates.items() if name != "system"}
+        result.series[source] = source_arrays(
+            s.index, s.score, s.threshold, s.alert, truth[source], baselines
+        )
         log.info(
             "source_evaluated", source=source, labelled=int(labelled.sum()), positives=int(y.sum())
         )
+    result.rounds = await collect_rounds(kafka, config.aggregator.model_name)
     return result
 
 
@@ -147,6 +164,7 @@ def _score_series(scores: list[Any]) -> dict[str, SourceSeries]:
         out[source] = SourceSeries(
             index=np.array([b["index"] for b in bodies]),
             score=np.array([b["score"] for b in bodies]),
+            threshold=np.array([b["threshold"] for b in bodies], dtype=np.float64),
             alert=np.array([b["alert"] for b in bodies], dtype=bool),
             hst=np.array([b["detail"]["hst"] for b in bodies]),
             l2=np.array([b["detail"]["l2"] for b in bodies]),
@@ -209,6 +227,8 @@ def write_outputs(evaluation: Evaluation, config: AppConfig, out_dir: Path) -> t
     json_path, md_path = out_dir / "evaluation.json", out_dir / "evaluation.md"
     json_path.write_text(json.dumps(evaluation.as_dict(), indent=2, default=_jsonable))
     md_path.write_text(render_markdown(evaluation, config) + "\n")
+    save_series(out_dir, evaluation.series)
+    save_rounds(out_dir, evaluation.rounds)
     return json_path, md_path
 
 
