@@ -118,8 +118,9 @@ async def collect_rounds(kafka: KafkaSettings, model_name: str) -> list[RoundRec
     updates = await read_topic(kafka, "fl.updates", frozenset({"update"}))
     ledger = await read_topic(kafka, "privacy.ledger", frozenset({"ledger"}))
 
-    # The compacted topic keeps each version under a history key and the latest one again
-    # under the model name, so versions are deduplicated here.
+    # NOTE: every version is keyed by the model name on a compacted topic, so once the broker
+    # compacts a segment only the newest version survives and older rounds drop out here.
+    # A key of the form ``name@version`` (as the topic catalog allows) is read as well.
     closed: dict[int, dict[str, Any]] = {}
     for item in globals_:
         body = item.envelope.body
