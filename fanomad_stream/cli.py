@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,16 +29,18 @@ def _add_common(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     def default(value: object) -> object:
         return value if defaults else argparse.SUPPRESS
 
+    # Containers set these through the environment; an option on the command line wins.
     parser.add_argument(
         "--config",
         type=Path,
-        default=default(None),
-        help="YAML config file (default: built-in defaults)",
+        default=default(os.environ.get("FANOMAD_CONFIG")),
+        help="YAML config file (default: $FANOMAD_CONFIG, else built-in defaults)",
     )
     parser.add_argument(
         "--bootstrap",
-        default=default(None),
-        help="Kafka bootstrap servers, overriding kafka.bootstrap_servers",
+        default=default(os.environ.get("FANOMAD_BOOTSTRAP")),
+        help="Kafka bootstrap servers, overriding kafka.bootstrap_servers "
+        "(default: $FANOMAD_BOOTSTRAP)",
     )
     parser.add_argument(
         "--log-json",
@@ -94,7 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--data-dir", type=Path, help="folder with train/, test/ and test_label/")
 
     edge = add_command("edge", help="run one site's edge client until SIGTERM")
-    edge.add_argument("--site", required=True, help="client id of the site")
+    site = os.environ.get("FANOMAD_SITE")
+    edge.add_argument(
+        "--site",
+        default=site,
+        required=site is None,
+        help="client id of the site (default: $FANOMAD_SITE)",
+    )
     edge.add_argument("--sources", nargs="+", help="sources the site scores (default: the site id)")
 
     aggregator = add_command("aggregator", help="run the aggregator until SIGTERM")
