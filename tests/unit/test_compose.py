@@ -338,3 +338,13 @@ def test_required_variables_enforced() -> None:
 
     with pytest.raises(pytest.fail.Exception, match="SMD_DATA_DIR"):
         interpolate(text, env)
+
+
+def test_ci_workflow_runs_ci_script() -> None:
+    """The GitHub workflow runs .ci/run, and .ci/run runs `make test`, as local CI does."""
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    steps = [step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"]]
+    script = (ROOT / ".ci" / "run").read_text().splitlines()
+
+    assert steps[-1].strip() == "bash .ci/run"
+    assert script[-1] == "make test"
