@@ -170,7 +170,8 @@ def rounds_figure(rounds: Sequence[RoundRecord]) -> Figure:
         epsilon_ax.set_yticks([])
     for ax in (loss_ax, clients_ax, epsilon_ax):
         ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_xticks().size:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     clients_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if not rounds:
         loss_ax.text(0.5, 0.5, "no closed rounds", ha="center", va="center")
