@@ -180,6 +180,7 @@ def test_kafka_runs_kraft_from_official_image(compose: ComposeFile) -> None:
     assert kafka.environment["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert "KAFKA_ZOOKEEPER_CONNECT" not in kafka.environment
     assert kafka.healthcheck is not None
+    assert f"kafka-data:{kafka.environment['KAFKA_LOG_DIRS']}" in kafka.volumes
     assert compose.services["topics"].depends_on["kafka"].condition == "service_healthy"
 
 
