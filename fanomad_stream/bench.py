@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -25,8 +27,8 @@ from fanomad_stream.transport.topics import apply_catalog, load_catalog
 
 
 def run_bench(config: AppConfig) -> int:
-    run_dir = cache_dir() / "bench-broker"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-broker-", dir=cache_dir()))
     broker = LocalBroker(run_dir=run_dir, port=free_port())
     broker.start()
     try:

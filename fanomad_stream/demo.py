@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -40,8 +41,9 @@ def with_bootstrap(config: AppConfig, bootstrap: str) -> AppConfig:
 
 def run_demo(config: AppConfig, config_path: Path | None, timeout_s: float = 900.0) -> int:
     """Run the demo; return the process exit code (0 when every check passed)."""
-    run_dir = cache_dir() / "demo-broker"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    # A folder of its own, so that demos running side by side never share a broker.
+    run_dir = Path(tempfile.mkdtemp(prefix="demo-broker-", dir=cache_dir()))
     broker = LocalBroker(run_dir=run_dir, port=free_port())
     print(
         f"==> starting Kafka {broker.bootstrap_servers} (first run fetches the jars)",
