@@ -3,7 +3,7 @@
 A record is what a log shipper would send: event time, source (the node or component that
 wrote the line), the message text and the log level where the format has one. The header
 fields that became ``ts``, ``source`` and ``level`` are cut from the text, and so is the label
-token of BGL and Thunderbird, so a detector that reads records never sees the label. Labels
+token of BGL and Thunderbird, so a detector that reads records never receives the label. Labels
 travel in a separate array indexed like the records. The project does not ship LogHub files:
 every reader takes the folder of a local copy.
 """
@@ -24,7 +24,7 @@ BLOCK_ID = re.compile(r"blk_-?\d+")
 
 @dataclass(frozen=True)
 class LogRecord:
-    """One log line as the detector sees it.
+    """One log line as a detector receives it.
 
     ``ts`` is the event time in Unix seconds, ``line`` the message text without the label and
     without the header fields parsed into ``ts`` and ``source``, and ``level`` the log level
@@ -42,7 +42,7 @@ class LogDataset:
     """Records of one file in file order, and their labels when the data set has any.
 
     ``labels[i]`` is 1 when record ``i`` is anomalous and 0 otherwise; ``categories[i]`` is the
-    dataset's own tag (``-`` for normal lines). Both are None for unlabelled logs.
+    dataset's own tag (``-`` marks a normal line). Both are None for unlabelled logs.
     """
 
     name: str
@@ -103,7 +103,9 @@ def read_thunderbird(path: Path) -> LogDataset:
     """
     records, categories = [], []
     for number, line in _lines(path):
-        tag, epoch, _date, node, _month, _day, _time, _location, rest = _split(path, number, line, 8)
+        tag, epoch, _date, node, _month, _day, _time, _location, rest = _split(
+            path, number, line, 8
+        )
         records.append(LogRecord(ts=float(epoch), source=node, line=rest))
         categories.append(tag)
     labels = np.array([tag != NORMAL_TAG for tag in categories], dtype=np.int8)
@@ -122,7 +124,11 @@ def read_hdfs(path: Path) -> LogDataset:
         day, clock, _pid, level, component, content = _split(path, number, line, 5)
         when = datetime.strptime(day + clock, "%y%m%d%H%M%S").replace(tzinfo=UTC)
         source = component.rstrip(":")
-        records.append(LogRecord(ts=when.timestamp(), source=source, line=f"{component} {content}", level=level))
+        records.append(
+            LogRecord(
+                ts=when.timestamp(), source=source, line=f"{component} {content}", level=level
+            )
+        )
     return LogDataset("hdfs", records)
 
 
@@ -144,7 +150,7 @@ def read_hdfs_sessions(
 
 
 def _read_keys(path: Path, limit: int | None) -> list[tuple[int, ...]]:
-    sessions = []
+    sessions: list[tuple[int, ...]] = []
     for number, line in _lines(path):
         if limit is not None and len(sessions) >= limit:
             break
@@ -156,7 +162,9 @@ def _read_keys(path: Path, limit: int | None) -> list[tuple[int, ...]]:
     return sessions
 
 
-def split_sessions(sessions: Sequence[Session], train_share: float) -> tuple[list[Session], list[Session]]:
+def split_sessions(
+    sessions: Sequence[Session], train_share: float
+) -> tuple[list[Session], list[Session]]:
     """Split sessions chronologically: the first ``train_share`` of the normal ones train.
 
     The rest of the normal sessions and every anomalous session form the test set, so the

@@ -79,7 +79,9 @@ class TestLogHubFiles:
 
     def test_sessions_chronological_split(self) -> None:
         """Sessions keep file order; the split holds out the tail of the normal ones."""
-        sessions = read_hdfs_sessions(LOGHUB / "HDFS_sessions_deeplog", max_normal=100, max_abnormal=20)
+        sessions = read_hdfs_sessions(
+            LOGHUB / "HDFS_sessions_deeplog", max_normal=100, max_abnormal=20
+        )
         assert len(sessions) == 120
         assert sessions[0].keys[:4] == (5, 5, 5, 22)
         train, test = split_sessions(sessions, 0.8)
@@ -91,7 +93,7 @@ class TestLogHubFiles:
 
 def test_reader_names_missing_file(tmp_path: Path) -> None:
     """A missing file raises FileNotFoundError naming the path."""
-    with pytest.raises(FileNotFoundError, match="nope.log"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.log"):
         read_bgl(tmp_path / "nope.log")
 
 
@@ -99,7 +101,7 @@ def test_bgl_short_line_rejected(tmp_path: Path) -> None:
     """A BGL line with too few fields raises ValueError with its line number."""
     path = tmp_path / "short.log"
     path.write_text("- 1117838570 2005.06.03 node\n")
-    with pytest.raises(ValueError, match="short.log:1"):
+    with pytest.raises(ValueError, match=r"short\.log:1"):
         read_bgl(path)
 
 
@@ -107,13 +109,13 @@ def test_session_keys_must_be_integers(tmp_path: Path) -> None:
     """A session line with a non-integer key raises ValueError naming the line."""
     (tmp_path / "hdfs_train.txt").write_text("5 5 x\n")
     (tmp_path / "hdfs_test_abnormal.txt").write_text("1 2\n")
-    with pytest.raises(ValueError, match="hdfs_train.txt:1"):
+    with pytest.raises(ValueError, match=r"hdfs_train\.txt:1"):
         read_hdfs_sessions(tmp_path)
 
 
 def test_split_rejects_bad_share() -> None:
     """A train share outside (0, 1) raises ValueError with the value."""
-    with pytest.raises(ValueError, match="1.5"):
+    with pytest.raises(ValueError, match=r"1\.5"):
         split_sessions([Session((1,), 0)], 1.5)
 
 
