@@ -1,0 +1,380 @@
+"""Trace assembly from out-of-order spans, and fixed-width features per trace.
+
+Time here is event time in microseconds: the assembler's clock (the watermark) is the latest
+span start it has received, or a later time given to ``advance``. Replay sends spans in start
+order, so the watermark follows the replay clock, and the assembler behaves the same at any
+replay speed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from fanomad_stream.featurize.logs import template_bucket
+
+CloseReason = Literal["root", "timeout", "evicted", "flush"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """One span; ``parent_id`` is the empty string for a root span, ``status`` may be empty."""
+
+    trace_id: str
+    span_id: str
+    parent_id: str
+    service: str
+    operation: str
+    start_us: int
+    duration_us: int
+    status: str = ""
+
+    @property
+    def end_us(self) -> int:
+        return self.start_us + self.duration_us
+
+
+@dataclass
+class Trace:
+    """The spans of one trace in arrival order, and why the assembler closed it."""
+
+    trace_id: str
+    spans: list[Span] = field(default_factory=list)
+    closed_by: CloseReason = "flush"
+    root: Span | None = None
+    last_update_us: int = 0
+
+
+@dataclass
+class AssemblerCounters:
+    """What the assembler had to drop or cut short; every count is a loss the caller can see."""
+
+    evicted_traces: int = 0
+    timed_out_traces: int = 0
+    late_spans: int = 0
+    dropped_spans: int = 0
+    duplicate_roots: int = 0
+
+
+class TraceAssembler:
+    """Group spans into traces; memory is bounded by ``max_open_traces``.
+
+    A trace closes when the watermark passes its root span's end by ``root_grace_us`` (the
+    root completed and its children had time to arrive), or when it received no span for
+    ``timeout_us``. When a span opens a trace while ``max_open_traces`` are open, the trace
+    updated least recently is closed early as ``evicted``. A span for a trace closed in the
+    last ``closed_memory`` closings is late: it is dropped and counted, never reopened.
+
+    Parameters
+    ----------
+    timeout_us
+        Inactivity, in microseconds of event time, after which an open trace closes. > 0.
+    root_grace_us
+        Event time to wait after the root span's end for late children. >= 0.
+    max_open_traces
+        Upper bound on open traces kept in memory. >= 1.
+    max_spans_per_trace
+        Spans kept per trace; later ones are dropped and counted. >= 1.
+    closed_memory
+        How many closed trace ids are remembered to recognise late spans. >= 0.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout_us: int = 30_000_000,
+        root_grace_us: int = 2_000_000,
+        max_open_traces: int = 10_000,
+        max_spans_per_trace: int = 2_000,
+        closed_memory: int = 100_000,
+    ) -> None:
+        if timeout_us <= 0 or root_grace_us < 0 or max_open_traces < 1 or max_spans_per_trace < 1:
+            msg = (
+                "need timeout_us > 0, root_grace_us >= 0, max_open_traces >= 1 and "
+                f"max_spans_per_trace >= 1, got {timeout_us!r}, {root_grace_us!r}, "
+                f"{max_open_traces!r}, {max_spans_per_trace!r}"
+            )
+            raise ValueError(msg)
+        if closed_memory < 0:
+            msg = f"closed_memory must be >= 0, got {closed_memory!r}"
+            raise ValueError(msg)
+        self.timeout_us = timeout_us
+        self.root_grace_us = root_grace_us
+        self.max_open_traces = max_open_traces
+        self.max_spans_per_trace = max_spans_per_trace
+        self.closed_memory = closed_memory
+        self.counters = AssemblerCounters()
+        self.watermark_us = 0
+        # Ordered by last update, oldest first, so timeouts and evictions pop from the front.
+        self._open: OrderedDict[str, Trace] = OrderedDict()
+        self._root_deadlines: list[tuple[int, str]] = []
+        self._closed: OrderedDict[str, None] = OrderedDict()
+
+    @property
+    def open_traces(self) -> int:
+        return len(self._open)
+
+    def add(self, span: Span) -> list[Trace]:
+        """Add one span and return the traces that closed, in closing order."""
+        closed = self._due(max(self.watermark_us, span.start_us))
+        if span.trace_id in self._closed:
+            self.counters.late_spans += 1
+            return closed
+        trace = self._open.get(span.trace_id)
+        if trace is None:
+            if len(self._open) >= self.max_open_traces:
+                closed.append(self._close(next(iter(self._open)), "evicted"))
+            trace = self._open[span.trace_id] = Trace(span.trace_id)
+        self._append(trace, span)
+        return closed + self._due(self.watermark_us)
+
+    def advance(self, now_us: int) -> list[Trace]:
+        """Move the clock to ``now_us`` (when no span arrives) and return the traces that closed."""
+        return self._due(max(self.watermark_us, now_us))
+
+    def flush(self) -> list[Trace]:
+        """Close every open trace, oldest first (at shutdown or the end of a replay)."""
+        return [self._close(trace_id, "flush") for trace_id in list(self._open)]
+
+    def _append(self, trace: Trace, span: Span) -> None:
+        if len(trace.spans) >= self.max_spans_per_trace:
+            self.counters.dropped_spans += 1
+            return
+        trace.spans.append(span)
+        trace.last_update_us = self.watermark_us
+        self._open.move_to_end(trace.trace_id)
+        if span.parent_id:
+            return
+        if trace.root is not None:
+            self.counters.duplicate_roots += 1
+            return
+        trace.root = span
+        heapq.heappush(self._root_deadlines, (span.end_us + self.root_grace_us, trace.trace_id))
+
+    def _due(self, now_us: int) -> list[Trace]:
+        self.watermark_us = now_us
+        closed = []
+        while self._root_deadlines and self._root_deadlines[0][0] <= now_us:
+            _, trace_id = heapq.heappop(self._root_deadlines)
+            if trace_id in self._open:
+                closed.append(self._close(trace_id, "root"))
+        while self._open:
+            oldest = next(iter(self._open.values()))
+            if now_us - oldest.last_update_us < self.timeout_us:
+                break
+            closed.append(self._close(oldest.trace_id, "timeout"))
+        return closed
+
+    def _close(self, trace_id: str, reason: CloseReason) -> Trace:
+        trace = self._open.pop(trace_id)
+        trace.closed_by = reason
+        if reason == "evicted":
+            self.counters.evicted_traces += 1
+        elif reason == "timeout":
+            self.counters.timed_out_traces += 1
+        if self.closed_memory:
+            self._closed[trace_id] = None
+            if len(self._closed) > self.closed_memory:
+                self._closed.popitem(last=False)
+        return trace
+
+
+def is_error_status(status: str) -> bool:
+    """Return True for an error status: a code >= 400, or a word such as ERROR or FAILED."""
+    text = status.strip().upper()
+    if not text:
+        return False
+    if text.isdigit():
+        return int(text) >= 400
+    return text.startswith(("ERR", "FAIL", "EXCEPTION", "ABORT", "TIMEOUT"))
+
+
+class OperationBaseline:
+    """Streaming mean and variance of log1p(span duration) per (service, operation).
+
+    Welford's update per key. ``max_keys`` bounds memory: spans of keys beyond it get no
+    baseline (z = 0) and are counted in ``overflow_spans``. ``std_floor`` (in log1p
+    microseconds) stops an operation whose durations never varied from turning any change
+    into a huge z-score.
+    """
+
+    def __init__(
+        self, *, max_keys: int = 10_000, min_count: int = 5, std_floor: float = 0.05
+    ) -> None:
+        if max_keys < 1 or min_count < 2 or std_floor <= 0:
+            msg = (
+                "need max_keys >= 1, min_count >= 2 and std_floor > 0, got "
+                f"{max_keys!r}, {min_count!r}, {std_floor!r}"
+            )
+            raise ValueError(msg)
+        self.max_keys = max_keys
+        self.min_count = min_count
+        self.std_floor = std_floor
+        self.overflow_spans = 0
+        self._stats: dict[tuple[str, str], list[float]] = {}
+
+    def z_score(self, span: Span) -> float:
+        """Return the span's z-score against the past of its key; 0 before ``min_count`` spans."""
+        stats = self._stats.get((span.service, span.operation))
+        if stats is None or stats[0] < self.min_count:
+            return 0.0
+        count, mean, m2 = stats
+        std = max(math.sqrt(m2 / (count - 1)), self.std_floor)
+        return (math.log1p(span.duration_us) - mean) / std
+
+    def learn(self, span: Span) -> None:
+        key = (span.service, span.operation)
+        stats = self._stats.get(key)
+        if stats is None:
+            if len(self._stats) >= self.max_keys:
+                self.overflow_spans += 1
+                return
+            stats = self._stats[key] = [0.0, 0.0, 0.0]
+        value = math.log1p(span.duration_us)
+        stats[0] += 1
+        delta = value - stats[1]
+        stats[1] += delta / stats[0]
+        stats[2] += delta * (value - stats[1])
+
+
+@dataclass(frozen=True)
+class TraceFeatures:
+    """Feature vector of one trace, and the service whose spans deviated most."""
+
+    trace_id: str
+    start_us: int
+    end_us: int
+    vector: np.ndarray
+    services: tuple[str, ...]
+    top_service: str
+    service_z: dict[str, float]
+
+
+TRACE_SCALARS = (
+    "log_latency_us",
+    "log_spans",
+    "depth",
+    "max_fan_out",
+    "services",
+    "error_spans",
+    "missing_parents",
+    "has_root",
+    "max_latency_z",
+    "mean_latency_z",
+    "share_latency_z_over_3",
+)
+
+
+class TraceFeaturizer:
+    """Turn closed traces into fixed-width vectors: scalars, then hashed call-edge counts.
+
+    Each span is scored against its operation's baseline before the baseline learns it, so a
+    trace's features depend only on earlier traces and on itself.
+    """
+
+    def __init__(
+        self, *, n_edge_buckets: int = 32, baseline: OperationBaseline | None = None
+    ) -> None:
+        if n_edge_buckets < 1:
+            msg = f"n_edge_buckets must be >= 1, got {n_edge_buckets!r}"
+            raise ValueError(msg)
+        self.n_edge_buckets = n_edge_buckets
+        self.baseline = baseline if baseline is not None else OperationBaseline()
+
+    @property
+    def n_features(self) -> int:
+        return len(TRACE_SCALARS) + self.n_edge_buckets
+
+    def feature_names(self) -> list[str]:
+        return [*TRACE_SCALARS, *(f"edge_bucket_{i}" for i in range(self.n_edge_buckets))]
+
+    def featurize(self, trace: Trace) -> TraceFeatures:
+        """Return the features of ``trace`` and then fold its spans into the baseline."""
+        spans = trace.spans
+        if not spans:
+            msg = (
+                f"trace {trace.trace_id!r} has no spans; the assembler never closes an empty trace"
+            )
+            raise ValueError(msg)
+        z = np.array([self.baseline.z_score(span) for span in spans])
+        for span in spans:
+            self.baseline.learn(span)
+        shape = tree_shape(spans)
+        start = min(span.start_us for span in spans)
+        end = trace.root.end_us if trace.root is not None else max(span.end_us for span in spans)
+        service_z = _service_z(spans, z)
+        scalars = [
+            math.log1p(max(end - start, 0)),
+            math.log1p(len(spans)),
+            shape.depth,
+            shape.max_fan_out,
+            len(service_z),
+            sum(is_error_status(span.status) for span in spans),
+            shape.missing_parents,
+            float(trace.root is not None),
+            float(z.max()),
+            float(z.mean()),
+            float((z > 3.0).mean()),
+        ]
+        vector = np.concatenate([scalars, self._edge_counts(spans)]).astype(np.float32)
+        top = max(service_z, key=lambda service: service_z[service])
+        return TraceFeatures(
+            trace.trace_id, start, end, vector, tuple(sorted(service_z)), top, service_z
+        )
+
+    def _edge_counts(self, spans: list[Span]) -> np.ndarray:
+        by_id = {span.span_id: span for span in spans}
+        counts = np.zeros(self.n_edge_buckets)
+        for span in spans:
+            parent = by_id.get(span.parent_id)
+            if parent is not None:
+                edge = f"{parent.service}>{span.service}:{span.operation}"
+                counts[template_bucket(edge, self.n_edge_buckets)] += 1
+        return np.log1p(counts)
+
+
+def _service_z(spans: list[Span], z: np.ndarray) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for span, value in zip(spans, z, strict=True):
+        result[span.service] = max(result.get(span.service, -math.inf), float(value))
+    return result
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """Depth (a lone root has depth 1), widest fan-out, and spans whose parent is absent."""
+
+    depth: int
+    max_fan_out: int
+    missing_parents: int
+
+
+def tree_shape(spans: list[Span]) -> TreeShape:
+    """Measure the span tree; spans whose parent never arrived start their own subtree."""
+    ids = {span.span_id for span in spans}
+    children: dict[str, list[str]] = {}
+    tops = []
+    missing = 0
+    for span in spans:
+        if span.parent_id and span.parent_id in ids:
+            children.setdefault(span.parent_id, []).append(span.span_id)
+            continue
+        tops.append(span.span_id)
+        missing += bool(span.parent_id)
+    depth = 0
+    stack = [(top, 1) for top in tops]
+    seen: set[str] = set()
+    while stack:
+        span_id, level = stack.pop()
+        if span_id in seen:  # a cycle in malformed input must not loop forever
+            continue
+        seen.add(span_id)
+        depth = max(depth, level)
+        stack.extend((child, level + 1) for child in children.get(span_id, []))
+    fan_out = max((len(kids) for kids in children.values()), default=0)
+    return TreeShape(depth, fan_out, missing)
