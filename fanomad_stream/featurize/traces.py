@@ -23,7 +23,7 @@ CloseReason = Literal["root", "timeout", "evicted", "flush"]
 
 @dataclass(frozen=True)
 class Span:
-    """One span; ``parent_id`` is the empty string for a root span, ``status`` may be empty."""
+    """One span. ``parent_id`` is empty for a root span; ``status`` and ``pod`` may be empty."""
 
     trace_id: str
     span_id: str
@@ -33,6 +33,7 @@ class Span:
     start_us: int
     duration_us: int
     status: str = ""
+    pod: str = ""
 
     @property
     def end_us(self) -> int:
@@ -52,7 +53,7 @@ class Trace:
 
 @dataclass
 class AssemblerCounters:
-    """What the assembler had to drop or cut short; every count is a loss the caller can see."""
+    """Counts of traces the assembler cut short and spans it dropped, so no loss is silent."""
 
     evicted_traces: int = 0
     timed_out_traces: int = 0
@@ -304,6 +305,7 @@ class TraceFeaturizer:
         z = np.array([self.baseline.z_score(span) for span in spans])
         for span in spans:
             self.baseline.learn(span)
+
         shape = tree_shape(spans)
         start = min(span.start_us for span in spans)
         end = trace.root.end_us if trace.root is not None else max(span.end_us for span in spans)
@@ -321,6 +323,7 @@ class TraceFeaturizer:
             float(z.mean()),
             float((z > 3.0).mean()),
         ]
+
         vector = np.concatenate([scalars, self._edge_counts(spans)]).astype(np.float32)
         top = max(service_z, key=lambda service: service_z[service])
         return TraceFeatures(
