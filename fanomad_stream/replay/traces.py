@@ -222,7 +222,9 @@ def label_times(ts: Sequence[float] | np.ndarray, cases: Sequence[FaultCase]) ->
     times = np.asarray(ts, dtype=np.float64)
     case_index = np.full(times.shape, -1, dtype=np.int64)
     for index, case in enumerate(cases):
-        case_index[(times >= case.inject_unix) & (times <= case.end_unix) & (case_index < 0)] = index
+        case_index[(times >= case.inject_unix) & (times <= case.end_unix) & (case_index < 0)] = (
+            index
+        )
     return case_index
 
 
