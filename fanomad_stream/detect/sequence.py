@@ -105,7 +105,8 @@ class SequenceAutoencoderDetector(Detector):
     ``score_windows`` returns the mean squared error per window. ``score_batch`` takes rows
     (B, F) of one stream in time order, scores each row by the squared error of its own last
     step within its window (past rows only), and advances the stream context, so call it once
-    per batch. Warm-up: the first ``window - 1`` rows are scored in shorter windows (T = 1 for
+    per batch. For several sources, keep one ``new_context()`` per source and call
+    ``score_rows``. Warm-up: the first ``window - 1`` rows are scored in shorter windows (T = 1 for
     the very first row); a model that has not trained yet scores with its seeded initial or the
     latest global weights, as the MLP does. ``train`` accepts rows (N, F) in time order, which
     it cuts into sliding windows of ``window`` rows at ``train_stride``, or ready windows
@@ -179,8 +180,25 @@ class SequenceAutoencoderDetector(Detector):
         return result
 
     def score_batch(self, x: np.ndarray) -> np.ndarray:
+        return self.score_rows(x, self.context)
+
+    def new_context(self) -> StreamContext:
+        """Return an empty stream context of this detector's window, for one more source."""
+        return StreamContext(self.window, self.n_features)
+
+    def score_rows(self, x: np.ndarray, context: StreamContext) -> np.ndarray:
+        """Score rows (B, F) of the stream that ``context`` follows, and advance it.
+
+        Each row's score is the squared error of the last step of the window that ends at it.
+        """
+        if context.window != self.window or context.n_features != self.n_features:
+            msg = (
+                f"context of window {context.window} and {context.n_features} features does not "
+                f"fit a detector of window {self.window} and {self.n_features} features"
+            )
+            raise ValueError(msg)
         scores = np.empty(np.asarray(x).shape[0], dtype=np.float64)
-        for indices, windows in self.context.push(x):
+        for indices, windows in context.push(x):
             scores[indices] = self.step_errors(windows)[:, -1]
         return scores
 

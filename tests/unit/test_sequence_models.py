@@ -81,6 +81,21 @@ class TestSequenceContract:
         ]
         np.testing.assert_allclose(streamed, expected, rtol=1e-5)
 
+    def test_sources_keep_separate_contexts(self, kind: str) -> None:
+        """Interleaved sources scored with their own contexts match scoring each alone."""
+        detector = MODELS[kind]()
+        a, b = normal_rows(12, seed=1), normal_rows(12, seed=2)
+        context_a, context_b = detector.new_context(), detector.new_context()
+        mixed_a, mixed_b = [], []
+        for i in range(0, 12, 4):
+            mixed_a.append(detector.score_rows(a[i : i + 4], context_a))
+            mixed_b.append(detector.score_rows(b[i : i + 4], context_b))
+        alone = detector.score_rows(a, detector.new_context())
+        np.testing.assert_allclose(np.concatenate(mixed_a), alone, rtol=1e-5)
+        assert not np.allclose(np.concatenate(mixed_b), alone)
+        with pytest.raises(ValueError, match="does not fit"):
+            detector.score_rows(a, StreamContext(WINDOW + 1, F))
+
     def test_seed_fixes_weights_and_training(self, kind: str) -> None:
         """Detectors with one seed build and train to equal weights; another seed differs."""
         rows = normal_rows(40)
