@@ -235,3 +235,71 @@ class LogWindower:
         closed = list(self._open.values())
         self._open.clear()
         return closed
+
+
+@dataclass(frozen=True)
+class LogWindowFeatures:
+    """The feature vector of one closed window of one source."""
+
+    source: str
+    start: float
+    end: float
+    lines: int
+    vector: np.ndarray
+
+
+class LogFeaturizer:
+    """Mine, window and vectorise log records: the per-client log pipeline of an edge client.
+
+    ``add`` returns, for each record, its mined line (for ``line_vectors`` and the sequence
+    models) and the windows it closed, as fixed-width vectors of ``n_features`` columns for
+    the window models.
+
+    Parameters
+    ----------
+    state_path
+        This client's drain3 state file, or None for memory only (see ``LogTemplateMiner``).
+    n_buckets
+        Width of the hashed template vocabulary.
+    window_s
+        Length of the tumbling event-time windows, in seconds. > 0.
+    max_lines
+        A window closes early once it holds this many lines. >= 1.
+    """
+
+    def __init__(
+        self,
+        state_path: Path | None,
+        *,
+        n_buckets: int = 64,
+        window_s: float = 60.0,
+        max_lines: int = 10_000,
+    ) -> None:
+        self.n_buckets = n_buckets
+        self.window_s = window_s
+        self.max_lines = max_lines
+        self.miner = LogTemplateMiner(state_path, n_buckets=n_buckets)
+        self.windower = LogWindower(window_s, max_lines=max_lines)
+
+    @property
+    def n_features(self) -> int:
+        return len(feature_names(self.n_buckets))
+
+    @property
+    def n_line_features(self) -> int:
+        return self.n_buckets + 2
+
+    def add(self, record: LogRecord) -> tuple[MinedLine, list[LogWindowFeatures]]:
+        line = self.miner.mine(record)
+        return line, [self._features(window) for window in self.windower.add(line)]
+
+    def flush(self) -> list[LogWindowFeatures]:
+        """Close every open window (at shutdown or the end of a replay) and save the miner state."""
+        self.miner.save()
+        return [self._features(window) for window in self.windower.flush()]
+
+    def _features(self, window: LogWindow) -> LogWindowFeatures:
+        vector = window_vector(window.lines, self.window_s, self.n_buckets)
+        return LogWindowFeatures(
+            window.source, window.start, window.start + self.window_s, len(window.lines), vector
+        )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fanomad_stream.featurize.logs import (
+    LogFeaturizer,
     LogTemplateMiner,
     LogWindower,
     MinedLine,
@@ -149,3 +150,20 @@ class TestLogWindower:
         assert windower.add(mined(0, ts=1.0)) == []
         assert len(windower.add(mined(0, ts=2.0))) == 1
         assert windower.flush() == []
+
+
+def test_featurizer_windows_per_source(tmp_path: Path) -> None:
+    """The pipeline closes one window per source and time span, each of fixed width."""
+    featurizer = LogFeaturizer(tmp_path / "state", n_buckets=8, window_s=50.0)
+    closed = []
+    for record in synthetic_records(120):
+        line, windows = featurizer.add(record)
+        assert line.record is record
+        closed += windows
+    closed += featurizer.flush()
+    assert sorted((w.source, w.start) for w in closed) == [
+        (f"node{n}", start) for n in range(2) for start in (0.0, 50.0, 100.0)
+    ]
+    assert sum(w.lines for w in closed) == 120
+    assert all(w.vector.shape == (featurizer.n_features,) for w in closed)
+    assert (tmp_path / "state").is_file()
