@@ -11,8 +11,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, astuple, dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 
@@ -49,6 +49,7 @@ class Trace:
     closed_by: CloseReason = "flush"
     root: Span | None = None
     last_update_us: int = 0
+    span_ids: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class AssemblerCounters:
     timed_out_traces: int = 0
     late_spans: int = 0
     dropped_spans: int = 0
+    duplicate_spans: int = 0
     duplicate_roots: int = 0
 
 
@@ -69,7 +71,9 @@ class TraceAssembler:
     root completed and its children had time to arrive), or when it received no span for
     ``timeout_us``. When a span opens a trace while ``max_open_traces`` are open, the trace
     updated least recently is closed early as ``evicted``. A span for a trace closed in the
-    last ``closed_memory`` closings is late: it is dropped and counted, never reopened.
+    last ``closed_memory`` closings is late: it is dropped and counted, never reopened. A span
+    id that a trace already holds (a redelivery after a consumer restart) is dropped and
+    counted as a duplicate. ``state`` and ``load_state`` carry the open traces across a restart.
 
     Parameters
     ----------
@@ -143,10 +147,14 @@ class TraceAssembler:
         return [self._close(trace_id, "flush") for trace_id in list(self._open)]
 
     def _append(self, trace: Trace, span: Span) -> None:
+        if span.span_id in trace.span_ids:
+            self.counters.duplicate_spans += 1
+            return
         if len(trace.spans) >= self.max_spans_per_trace:
             self.counters.dropped_spans += 1
             return
         trace.spans.append(span)
+        trace.span_ids.add(span.span_id)
         trace.last_update_us = self.watermark_us
         self._open.move_to_end(trace.trace_id)
         if span.parent_id:
@@ -156,6 +164,37 @@ class TraceAssembler:
             return
         trace.root = span
         heapq.heappush(self._root_deadlines, (span.end_us + self.root_grace_us, trace.trace_id))
+
+    def state(self) -> dict[str, Any]:
+        """Return the open traces, clock, counters and closed ids as plain msgpack-able values."""
+        return {
+            "watermark_us": self.watermark_us,
+            "counters": asdict(self.counters),
+            "open": [
+                {
+                    "trace_id": t.trace_id,
+                    "last_update_us": t.last_update_us,
+                    "spans": [list(astuple(s)) for s in t.spans],
+                }
+                for t in self._open.values()
+            ],
+            "closed": list(self._closed),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Replace this assembler's state with one from ``state``; the settings stay as built."""
+        self.watermark_us = int(state["watermark_us"])
+        self.counters = AssemblerCounters(**state["counters"])
+        self._open.clear()
+        self._root_deadlines.clear()
+        for item in state["open"]:
+            trace = self._open[item["trace_id"]] = Trace(item["trace_id"])
+            for fields in item["spans"]:
+                self._append(trace, Span(*fields))
+            trace.last_update_us = int(item["last_update_us"])
+        self._closed = OrderedDict.fromkeys(state["closed"])
+        while len(self._closed) > self.closed_memory:
+            self._closed.popitem(last=False)
 
     def _due(self, now_us: int) -> list[Trace]:
         self.watermark_us = now_us
@@ -227,6 +266,13 @@ class OperationBaseline:
         count, mean, m2 = stats
         std = max(math.sqrt(m2 / (count - 1)), self.std_floor)
         return (math.log1p(span.duration_us) - mean) / std
+
+    def state(self) -> list[list[Any]]:
+        """Return ``[service, operation, count, mean, m2]`` per key, as plain values."""
+        return [[service, operation, *stats] for (service, operation), stats in self._stats.items()]
+
+    def load_state(self, state: list[list[Any]]) -> None:
+        self._stats = {(str(row[0]), str(row[1])): [float(v) for v in row[2:5]] for row in state}
 
     def learn(self, span: Span) -> None:
         key = (span.service, span.operation)

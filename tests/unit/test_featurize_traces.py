@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -105,6 +106,37 @@ class TestTraceAssembler:
         assert len(trace.spans) == 2
         assert assembler.counters.dropped_spans == 2
 
+    def test_duplicate_span_counted(self) -> None:
+        """A redelivered span is dropped and counted, not stored twice."""
+        assembler = TraceAssembler()
+        assembler.add(span("t1", "a", "p"))
+        assembler.add(span("t1", "a", "p"))
+        (trace,) = assembler.flush()
+        assert len(trace.spans) == 1
+        assert assembler.counters.duplicate_spans == 1
+
+    def test_restart_from_state(self) -> None:
+        """A restored assembler closes the same traces as one that never stopped."""
+        spans = sorted(
+            (s for i in range(6) for s in request(f"t{i}", i * 2 * S)),
+            key=lambda item: item.start_us,
+        )
+        reference = TraceAssembler(root_grace_us=S, timeout_us=20 * S)
+        expected = [t for item in spans for t in reference.add(item)] + reference.flush()
+
+        first = TraceAssembler(root_grace_us=S, timeout_us=20 * S)
+        got = [t for item in spans[:10] for t in first.add(item)]
+        state = msgpack.unpackb(msgpack.packb(first.state()))
+        second = TraceAssembler(root_grace_us=S, timeout_us=20 * S)
+        second.load_state(state)
+        assert second.open_traces == first.open_traces > 0
+        got += [t for item in spans[8:] for t in second.add(item)] + second.flush()
+
+        assert [(t.trace_id, t.closed_by, len(t.spans)) for t in got] == [
+            (t.trace_id, t.closed_by, len(t.spans)) for t in expected
+        ]
+        assert second.counters.duplicate_spans + second.counters.late_spans == 2
+
     def test_rejects_bad_parameters(self) -> None:
         """A non-positive timeout raises ValueError naming the value."""
         with pytest.raises(ValueError, match="timeout_us > 0"):
@@ -150,6 +182,17 @@ def test_baseline_scores_against_past_only() -> None:
         baseline.learn(span("t", "s", duration=duration))
     assert baseline.z_score(span("t", "s", duration=10_000)) > 10
     assert baseline.z_score(span("t", "s", duration=100, operation="other")) == 0.0
+
+
+def test_baseline_state_roundtrip() -> None:
+    """A baseline restored from its state scores like the original."""
+    baseline = OperationBaseline(min_count=2)
+    for duration in (100, 120, 90):
+        baseline.learn(span("t", "s", duration=duration))
+    restored = OperationBaseline(min_count=2)
+    restored.load_state(msgpack.unpackb(msgpack.packb(baseline.state())))
+    probe = span("t", "s", duration=500)
+    assert restored.z_score(probe) == baseline.z_score(probe)
 
 
 def test_baseline_key_overflow_counted() -> None:
