@@ -291,7 +291,12 @@ class OperationBaseline:
 
 @dataclass(frozen=True)
 class TraceFeatures:
-    """Feature vector of one trace, and the service whose spans deviated most."""
+    """Feature vector of one trace, its span rows, and the service whose spans deviated most.
+
+    ``span_rows`` has one row per span in start order (for the sequence models):
+    log1p(duration in µs), latency z-score, error flag, root flag, then the service one-hot
+    over ``n_service_buckets`` hashed buckets.
+    """
 
     trace_id: str
     start_us: int
@@ -300,6 +305,7 @@ class TraceFeatures:
     services: tuple[str, ...]
     top_service: str
     service_z: dict[str, float]
+    span_rows: np.ndarray
 
 
 TRACE_SCALARS = (
@@ -325,17 +331,29 @@ class TraceFeaturizer:
     """
 
     def __init__(
-        self, *, n_edge_buckets: int = 32, baseline: OperationBaseline | None = None
+        self,
+        *,
+        n_edge_buckets: int = 32,
+        n_service_buckets: int = 16,
+        baseline: OperationBaseline | None = None,
     ) -> None:
-        if n_edge_buckets < 1:
-            msg = f"n_edge_buckets must be >= 1, got {n_edge_buckets!r}"
+        if n_edge_buckets < 1 or n_service_buckets < 1:
+            msg = (
+                "n_edge_buckets and n_service_buckets must be >= 1, got "
+                f"{n_edge_buckets!r}, {n_service_buckets!r}"
+            )
             raise ValueError(msg)
         self.n_edge_buckets = n_edge_buckets
+        self.n_service_buckets = n_service_buckets
         self.baseline = baseline if baseline is not None else OperationBaseline()
 
     @property
     def n_features(self) -> int:
         return len(TRACE_SCALARS) + self.n_edge_buckets
+
+    @property
+    def n_span_features(self) -> int:
+        return 4 + self.n_service_buckets
 
     def feature_names(self) -> list[str]:
         return [*TRACE_SCALARS, *(f"edge_bucket_{i}" for i in range(self.n_edge_buckets))]
@@ -372,9 +390,22 @@ class TraceFeaturizer:
 
         vector = np.concatenate([scalars, self._edge_counts(spans)]).astype(np.float32)
         top = max(service_z, key=lambda service: service_z[service])
+        rows = self._span_rows(spans, z)
         return TraceFeatures(
-            trace.trace_id, start, end, vector, tuple(sorted(service_z)), top, service_z
+            trace.trace_id, start, end, vector, tuple(sorted(service_z)), top, service_z, rows
         )
+
+    def _span_rows(self, spans: list[Span], z: np.ndarray) -> np.ndarray:
+        order = np.argsort([span.start_us for span in spans], kind="stable")
+        rows = np.zeros((len(spans), self.n_span_features), dtype=np.float32)
+        for row, i in enumerate(order):
+            span = spans[i]
+            rows[row, 0] = math.log1p(span.duration_us)
+            rows[row, 1] = z[i]
+            rows[row, 2] = is_error_status(span.status)
+            rows[row, 3] = not span.parent_id
+            rows[row, 4 + template_bucket(span.service, self.n_service_buckets)] = 1.0
+        return rows
 
     def _edge_counts(self, spans: list[Span]) -> np.ndarray:
         by_id = {span.span_id: span for span in spans}

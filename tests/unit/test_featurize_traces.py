@@ -220,6 +220,16 @@ class TestTraceFeaturizer:
         assert np.expm1(features.vector[len(TRACE_SCALARS) :]).sum() == pytest.approx(3)
         assert features.services == ("db", "gateway", "orders", "users")
 
+    def test_span_rows_in_start_order(self) -> None:
+        """Span rows follow start order, flag the root and one-hot the service."""
+        featurizer = TraceFeaturizer(n_service_buckets=8)
+        spans = list(reversed(request("t1", 0)))
+        rows = featurizer.featurize(Trace("t1", spans, root=spans[-1])).span_rows
+        assert rows.shape == (4, featurizer.n_span_features)
+        assert rows[:, 3].tolist() == [1, 0, 0, 0]
+        assert rows[0, 0] == pytest.approx(np.log1p(5 * S))
+        assert (rows[:, 4:].sum(axis=1) == 1).all()
+
     def test_slow_service_named(self) -> None:
         """After normal traces, a trace with one slow service names it as the top service."""
         featurizer = TraceFeaturizer()
