@@ -111,6 +111,9 @@ class SequenceAutoencoderDetector(Detector):
     latest global weights, as the MLP does. ``train`` accepts rows (N, F) in time order, which
     it cuts into sliding windows of ``window`` rows at ``train_stride``, or ready windows
     (B, T, F), and returns the weight delta.
+
+    NOTE: training sees few windows shorter than ``window``, so warm-up scores run high on
+    normal data. Hold alerts until ``context.seen >= window`` for each source.
     """
 
     name = "sequence"
