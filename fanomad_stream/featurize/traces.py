@@ -39,6 +39,25 @@ class Span:
     def end_us(self) -> int:
         return self.start_us + self.duration_us
 
+    def to_body(self) -> dict[str, Any]:
+        """Return the body of a ``span`` record (the codec checks it on decode)."""
+        return asdict(self)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Span:
+        """Rebuild a span from a decoded ``span`` body; absent optional fields become empty."""
+        return cls(
+            trace_id=body["trace_id"],
+            span_id=body["span_id"],
+            parent_id=body["parent_id"],
+            service=body["service"],
+            operation=body["operation"],
+            start_us=body["start_us"],
+            duration_us=body["duration_us"],
+            status=body.get("status") or "",
+            pod=body.get("pod") or "",
+        )
+
 
 @dataclass
 class Trace:

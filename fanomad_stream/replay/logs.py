@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,15 @@ class LogRecord:
     source: str
     line: str
     level: str = ""
+
+    def to_body(self, index: int) -> dict[str, Any]:
+        """Return the body of a ``log`` record; ``index`` joins it to its label record."""
+        return {"source": self.source, "line": self.line, "level": self.level, "index": index}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any], ts: float) -> LogRecord:
+        """Rebuild a record from a decoded ``log`` body and the envelope's event time."""
+        return cls(ts=ts, source=body["source"], line=body["line"], level=body.get("level") or "")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 
 from fanomad_stream.errors import DecodeError
+from fanomad_stream.featurize.traces import Span
+from fanomad_stream.replay.logs import LogRecord
 from fanomad_stream.transport.codec import MAX_LOG_LINE_CHARS, decode, encode
 
 
@@ -82,3 +84,18 @@ def test_span_rejects_invalid_body(body: dict[str, Any], reason: str) -> None:
     """Each invalid span body raises DecodeError naming the field."""
     with pytest.raises(DecodeError, match=reason):
         roundtrip("span", body)
+
+
+def test_log_record_travels_through_codec() -> None:
+    """A log record encoded with to_body decodes back to an equal record."""
+    record = LogRecord(ts=12.5, source="node-1", line="KERNEL INFO ok", level="INFO")
+    envelope = decode(encode("log", record.to_body(3), src="replay", ts=record.ts))
+    assert envelope.body["index"] == 3
+    assert LogRecord.from_body(envelope.body, envelope.ts) == record
+
+
+def test_span_travels_through_codec() -> None:
+    """A span encoded with to_body decodes back to an equal span."""
+    span = Span("t" * 32, "s" * 16, "", "ts-gateway-service", "/*", 1674981768697000, 318316)
+    envelope = decode(encode("span", span.to_body(), src="replay", ts=span.start_us / 1e6))
+    assert Span.from_body(envelope.body) == span
