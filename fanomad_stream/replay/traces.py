@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fanomad_stream.featurize.traces import Span
+from fanomad_stream.featurize.trace_assembly import Span
 from fanomad_stream.replay.logs import LogRecord
 
 # Metric columns that carry no information in this data set (0 on every row).

@@ -196,7 +196,8 @@ def _bounded_string(max_chars: int, *, allow_empty: bool = True) -> Check:
             raise DecodeError(f"body field {name!r} must be a string, got {type(value).__name__}")
         length = len(value)
         if length > max_chars:
-            raise DecodeError(f"body field {name!r} has {length} characters, above the limit of {max_chars}")
+            msg = f"body field {name!r} has {length} characters, above the limit of {max_chars}"
+            raise DecodeError(msg)
         if length == 0 and not allow_empty:
             raise DecodeError(f"body field {name!r} must not be empty")
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from fanomad_stream.errors import DecodeError
-from fanomad_stream.featurize.traces import Span
+from fanomad_stream.featurize.trace_assembly import Span
 from fanomad_stream.replay.logs import LogRecord
 from fanomad_stream.transport.codec import MAX_LOG_LINE_CHARS, decode, encode
 

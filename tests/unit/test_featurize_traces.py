@@ -6,12 +6,10 @@ import msgpack
 import numpy as np
 import pytest
 
+from fanomad_stream.featurize.trace_assembly import Span, Trace, TraceAssembler
 from fanomad_stream.featurize.traces import (
     TRACE_SCALARS,
     OperationBaseline,
-    Span,
-    Trace,
-    TraceAssembler,
     TraceFeaturizer,
     is_error_status,
     tree_shape,

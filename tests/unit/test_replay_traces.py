@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fanomad_stream.featurize.traces import Span, TraceAssembler, TraceFeaturizer
+from fanomad_stream.featurize.trace_assembly import Span, TraceAssembler
+from fanomad_stream.featurize.traces import TraceFeaturizer
 from fanomad_stream.replay.traces import (
     FaultCase,
     label_times,
