@@ -86,7 +86,7 @@ class TraceAssembler:
     ``timeout_us``. When a span opens a trace while ``max_open_traces`` are open, the trace
     updated least recently is closed early as ``evicted``. A span for a trace closed in the
     last ``closed_memory`` closings is late: it is dropped and counted, never reopened. A span
-    id that a trace already holds (a redelivery after a consumer restart) is dropped and
+    id that a trace already contains (a redelivery after a consumer restart) is dropped and
     counted as a duplicate. ``state`` and ``load_state`` carry the open traces across a restart.
 
     Parameters
