@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TypedDict, Unpack
 
 import numpy as np
@@ -95,8 +95,30 @@ class TrainingOptions(TypedDict, total=False):
     local_epochs: int
     batch_size: int
     train_stride: int
+    train_prefixes: bool
     proximal_mu: float
     seed: int
+
+
+def training_windows(
+    streams: Sequence[np.ndarray], window: int, stride: int, *, prefixes: bool
+) -> list[np.ndarray]:
+    """Cut each stream (N_i, F) into windows and group them by length T.
+
+    Every stream gives sliding windows of ``min(window, N_i)`` rows. With ``prefixes`` it
+    also gives its first rows[:k] for k < that length, the short windows a stream is scored
+    in during warm-up. Returns one (B_T, T, F) array per length, shortest first.
+    """
+    groups: dict[int, list[np.ndarray]] = {}
+    for rows in streams:
+        if rows.shape[0] == 0:
+            continue
+        full = sliding_windows(rows, window, stride)
+        groups.setdefault(full.shape[1], []).append(full)
+        if prefixes:
+            for k in range(1, full.shape[1]):
+                groups.setdefault(k, []).append(rows[None, :k].astype(np.float32))
+    return [np.concatenate(groups[length]) for length in sorted(groups)]
 
 
 class SequenceAutoencoderDetector(Detector):
@@ -108,12 +130,13 @@ class SequenceAutoencoderDetector(Detector):
     per batch. For several sources, keep one ``new_context()`` per source and call
     ``score_rows``. Warm-up: the first ``window - 1`` rows are scored in shorter windows (T = 1 for
     the very first row); a model that has not trained yet scores with its seeded initial or the
-    latest global weights, as the MLP does. ``train`` accepts rows (N, F) in time order, which
-    it cuts into sliding windows of ``window`` rows at ``train_stride``, or ready windows
-    (B, T, F), and returns the weight delta.
+    latest global weights, as the MLP does. With ``train_prefixes`` (the default) training
+    also covers those short windows, so warm-up scores are comparable with later ones.
 
-    NOTE: training sees few windows shorter than ``window``, so warm-up scores run high on
-    normal data. Hold alerts until ``context.seen >= window`` for each source.
+    ``train`` accepts rows (N, F) of one stream in time order, a list of such arrays (one per
+    source or session, so no window mixes two of them), or ready windows (B, T, F), and
+    returns the weight delta. ``last_n_windows`` is the number of windows it trained on, the
+    sample count to report with the delta.
     """
 
     name = "sequence"
@@ -127,6 +150,7 @@ class SequenceAutoencoderDetector(Detector):
         local_epochs: int = 2,
         batch_size: int = 32,
         train_stride: int = 1,
+        train_prefixes: bool = True,
         proximal_mu: float = 0.0,
         seed: int = 0,
     ) -> None:
@@ -142,6 +166,7 @@ class SequenceAutoencoderDetector(Detector):
         self.local_epochs = local_epochs
         self.batch_size = batch_size
         self.train_stride = train_stride
+        self.train_prefixes = train_prefixes
         self.proximal_mu = proximal_mu
         self.seed = seed
         self.model = self._build_seeded(seed)
@@ -208,33 +233,35 @@ class SequenceAutoencoderDetector(Detector):
     def learn_batch(self, x: np.ndarray) -> None:
         self.train(x)
 
-    def train(self, x: np.ndarray) -> Weights:
+    def train(self, x: np.ndarray | Sequence[np.ndarray]) -> Weights:
         """Train ``local_epochs`` over the windows of ``x`` and return (trained − start) weights.
 
         With ``proximal_mu`` > 0 the loss adds the FedProx term mu/2 · ||w − w_start||².
         """
-        array = np.asarray(x, dtype=np.float32)
-        if array.ndim == 2:
-            array = sliding_windows(
-                check_batch(array, self.n_features), self.window, self.train_stride
-            )
-        data = torch.from_numpy(check_windows(array, self.n_features)) if array.size else None
+        groups = [torch.from_numpy(group) for group in self._windows(x) if group.size]
         start = {name: p.detach().clone() for name, p in self.model.named_parameters()}
         start_weights = self.weights()
-        self.last_n_windows = 0 if data is None else int(data.shape[0])
-        losses = [] if data is None else self._fit(data, start)
+        self.last_n_windows = sum(int(group.shape[0]) for group in groups)
+        losses = self._fit(groups, start) if groups else []
         self.last_loss = float(np.mean(losses)) if losses else float("nan")
         trained = self.weights()
         return {name: trained[name] - start_weights[name] for name in trained}
 
-    def _fit(self, data: torch.Tensor, start: Mapping[str, torch.Tensor]) -> list[float]:
+    def _windows(self, x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+        if isinstance(x, np.ndarray) and x.ndim == 3:
+            return [check_windows(x, self.n_features)] if x.size else []
+        streams = [x] if isinstance(x, np.ndarray) else list(x)
+        checked = [check_batch(rows, self.n_features) for rows in streams]
+        return training_windows(
+            checked, self.window, self.train_stride, prefixes=self.train_prefixes
+        )
+
+    def _fit(self, groups: list[torch.Tensor], start: Mapping[str, torch.Tensor]) -> list[float]:
         optimizer = torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
         self.model.train()
         losses = []
         for _ in range(self.local_epochs):
-            order = torch.randperm(data.shape[0], generator=self._generator)
-            for begin in range(0, data.shape[0], self.batch_size):
-                batch = data[order[begin : begin + self.batch_size]]
+            for batch in self._batches(groups):
                 loss = (self.model(batch) - batch).pow(2).mean()
                 losses.append(float(loss.detach()))
                 if self.proximal_mu > 0:
@@ -246,6 +273,16 @@ class SequenceAutoencoderDetector(Detector):
                 loss.backward()
                 optimizer.step()
         return losses
+
+    def _batches(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Shuffle within each length group, cut into batches, then shuffle the batch order."""
+        batches = []
+        for data in groups:
+            order = torch.randperm(data.shape[0], generator=self._generator)
+            for begin in range(0, data.shape[0], self.batch_size):
+                batches.append(data[order[begin : begin + self.batch_size]])
+        shuffled = torch.randperm(len(batches), generator=self._generator).tolist()
+        return [batches[i] for i in shuffled]
 
 
 class LSTMAutoencoder(nn.Module):
