@@ -71,7 +71,7 @@ class StreamContext:
         """Advance by ``rows`` (N, F); yield (row indices, windows (B, T, F)) grouped by T.
 
         Each yielded window ends at the row whose index it carries. Only the first
-        ``window - 1`` rows a stream ever sees get windows shorter than ``window``.
+        ``window - 1`` rows a stream ever receives get windows shorter than ``window``.
         """
         rows = check_batch(rows, self.n_features)
         joined = np.concatenate([self._tail, rows])

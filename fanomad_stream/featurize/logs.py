@@ -264,7 +264,7 @@ class LogFeaturizer:
     window_s
         Length of the tumbling event-time windows, in seconds. > 0.
     max_lines
-        A window closes early once it holds this many lines. >= 1.
+        A window closes early once it contains this many lines. >= 1.
     """
 
     def __init__(

@@ -254,7 +254,7 @@ def _log(body: dict[str, Any]) -> None:
 
 
 def _span(body: dict[str, Any]) -> None:
-    """One span; ``parent_id`` is the empty string for a root span."""
+    """Check one span body; ``parent_id`` is the empty string for a root span."""
     _need(body, "trace_id", _bounded_string(MAX_ID_CHARS, allow_empty=False))
     _need(body, "span_id", _bounded_string(MAX_ID_CHARS, allow_empty=False))
     _need(body, "parent_id", _bounded_string(MAX_ID_CHARS))

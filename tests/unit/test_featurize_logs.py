@@ -145,7 +145,7 @@ class TestLogWindower:
         assert len(window.lines) == 2
 
     def test_max_lines_closes_window(self) -> None:
-        """A window closes as soon as it holds max_lines lines."""
+        """A window closes as soon as it contains max_lines lines."""
         windower = LogWindower(10.0, max_lines=2)
         assert windower.add(mined(0, ts=1.0)) == []
         assert len(windower.add(mined(0, ts=2.0))) == 1

@@ -203,7 +203,7 @@ def test_baseline_key_overflow_counted() -> None:
 
 class TestTraceFeaturizer:
     def test_vector_layout(self) -> None:
-        """The vector holds the named scalars, then the hashed edge counts."""
+        """The vector contains the named scalars, then the hashed edge counts."""
         featurizer = TraceFeaturizer(n_edge_buckets=8)
         trace = Trace("t1", request("t1", 0), root=request("t1", 0)[0])
         features = featurizer.featurize(trace)
