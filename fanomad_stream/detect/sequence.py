@@ -130,8 +130,10 @@ class SequenceAutoencoderDetector(Detector):
     per batch. For several sources, keep one ``new_context()`` per source and call
     ``score_rows``. Warm-up: the first ``window - 1`` rows are scored in shorter windows (T = 1 for
     the very first row); a model that has not trained yet scores with its seeded initial or the
-    latest global weights, as the MLP does. With ``train_prefixes`` (the default) training
-    also covers those short windows, so warm-up scores are comparable with later ones.
+    latest global weights, as the MLP does. Training sees few windows shorter than
+    ``window``, so warm-up scores run high on normal data: hold alerts until
+    ``context.seen >= window`` for each source. ``train_prefixes`` adds each stream's short
+    prefixes to training, which lowers warm-up errors but spends training on them.
 
     ``train`` accepts rows (N, F) of one stream in time order, a list of such arrays (one per
     source or session, so no window mixes two of them), or ready windows (B, T, F), and
@@ -150,7 +152,7 @@ class SequenceAutoencoderDetector(Detector):
         local_epochs: int = 2,
         batch_size: int = 32,
         train_stride: int = 1,
-        train_prefixes: bool = True,
+        train_prefixes: bool = False,
         proximal_mu: float = 0.0,
         seed: int = 0,
     ) -> None:

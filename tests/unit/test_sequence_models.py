@@ -111,9 +111,7 @@ class TestSequenceContract:
 
     def test_training_lowers_error(self, kind: str) -> None:
         """Training on normal windows halves the error on held-out normal windows, not on noise."""
-        detector = MODELS[kind](
-            learning_rate=1e-2, local_epochs=30, train_stride=2, train_prefixes=False
-        )
+        detector = MODELS[kind](learning_rate=1e-2, local_epochs=30, train_stride=2)
         held_out = sliding_windows(normal_rows(60, seed=1), WINDOW)
         before = detector.score_windows(held_out).mean()
         detector.train(normal_rows(200))
@@ -135,16 +133,19 @@ class TestSequenceContract:
 
     def test_streams_never_share_a_window(self, kind: str) -> None:
         """A list of streams trains on windows within each stream, grouped by length."""
-        detector = MODELS[kind](train_prefixes=False, local_epochs=1)
+        detector = MODELS[kind](local_epochs=1)
         detector.train([normal_rows(10), normal_rows(3), np.zeros((0, F), dtype=np.float32)])
         assert detector.last_n_windows == (10 - WINDOW + 1) + 1
+        with_prefixes = MODELS[kind](local_epochs=1, train_prefixes=True)
+        with_prefixes.train([normal_rows(10), normal_rows(3)])
+        assert with_prefixes.last_n_windows == (10 - WINDOW + 1) + 1 + (WINDOW - 1) + 2
 
     def test_delta_travels_through_fedavg(self, kind: str) -> None:
         """The delta from train() is float32 per parameter and reproduces the trained weights."""
         detector = MODELS[kind]()
         start = detector.weights()
         delta = detector.train(normal_rows(30))
-        assert detector.last_n_windows == (30 - WINDOW + 1) + (WINDOW - 1)
+        assert detector.last_n_windows == 30 - WINDOW + 1
         assert all(value.dtype == np.float32 for value in delta.values())
         merged = apply_delta(start, fedavg([(delta, 1.0)], start))
         fresh = MODELS[kind]()
