@@ -125,6 +125,7 @@ def decode(
             f"record of {len(raw)} bytes exceeds the limit of {max_record_bytes} bytes"
         )
     hook = _ArrayDecoder(max_array_elements)
+    # msgpack 1.2's unpackb takes no max_buffer_size; the length check above bounds the input.
     try:
         obj = msgpack.unpackb(
             raw,
@@ -201,6 +202,20 @@ def _finite(name: str, value: object) -> None:
         raise DecodeError(f"body field {name!r} must be a finite number, got {value!r}")
 
 
+def _bounded_string(max_chars: int, *, allow_empty: bool = True) -> Check:
+    def check(name: str, value: object) -> None:
+        if not isinstance(value, str):
+            raise DecodeError(f"body field {name!r} must be a string, got {type(value).__name__}")
+        length = len(value)
+        if length > max_chars:
+            msg = f"body field {name!r} has {length} characters, above the limit of {max_chars}"
+            raise DecodeError(msg)
+        if length == 0 and not allow_empty:
+            raise DecodeError(f"body field {name!r} must not be empty")
+
+    return check
+
+
 def _map(name: str, value: object) -> None:
     if not isinstance(value, dict):
         raise DecodeError(f"body field {name!r} must be a map, got {type(value).__name__}")
@@ -238,6 +253,34 @@ def _describe(value: object) -> str:
 def _metric(body: dict[str, Any]) -> None:
     _need(body, "values", _float_vector)
     _maybe(body, "index", _non_negative_int)
+
+
+# Upper bounds on text fields, so one record cannot carry an unbounded string into a featurizer.
+MAX_LOG_LINE_CHARS = 65_536
+MAX_NAME_CHARS = 1024
+MAX_ID_CHARS = 128
+
+
+def _log(body: dict[str, Any]) -> None:
+    _need(body, "source", _bounded_string(MAX_NAME_CHARS, allow_empty=False))
+    _need(body, "line", _bounded_string(MAX_LOG_LINE_CHARS))
+    _maybe(body, "level", _bounded_string(MAX_NAME_CHARS))
+    _maybe(body, "index", _non_negative_int)
+
+
+def _span(body: dict[str, Any]) -> None:
+    """Check one span body; ``parent_id`` is the empty string for a root span."""
+    _need(body, "trace_id", _bounded_string(MAX_ID_CHARS, allow_empty=False))
+    _need(body, "span_id", _bounded_string(MAX_ID_CHARS, allow_empty=False))
+    _need(body, "parent_id", _bounded_string(MAX_ID_CHARS))
+    _need(body, "service", _bounded_string(MAX_NAME_CHARS, allow_empty=False))
+    _need(body, "operation", _bounded_string(MAX_NAME_CHARS))
+    _need(body, "start_us", _non_negative_int)
+    _need(body, "duration_us", _non_negative_int)
+    _maybe(body, "status", _bounded_string(MAX_NAME_CHARS))
+    _maybe(body, "pod", _bounded_string(MAX_NAME_CHARS))
+    if body["span_id"] == body["parent_id"]:
+        raise DecodeError(f"span {body['span_id']!r} names itself as its parent")
 
 
 def _label(body: dict[str, Any]) -> None:
@@ -282,6 +325,8 @@ def _free(body: dict[str, Any]) -> None:
 
 BODY_SCHEMAS: dict[str, Callable[[dict[str, Any]], None]] = {
     "metric": _metric,
+    "log": _log,
+    "span": _span,
     "label": _label,
     "score": _score,
     "alert": _alert,

@@ -1,0 +1,305 @@
+"""Log features: online template mining with drain3, and fixed-width vectors per window.
+
+Every client mines its own templates, so drain3's cluster ids differ between clients. The
+features that reach a federated model therefore index templates by a hash of the template
+text into ``n_buckets`` buckets, which two clients that see the same message shapes agree on.
+The cluster id is kept for per-client template-id sequences. A line that creates a new
+template is flagged, because an unseen message shape is itself a signal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from drain3 import TemplateMiner
+from drain3.masking import MaskingInstruction
+from drain3.persistence_handler import PersistenceHandler
+from drain3.template_miner_config import TemplateMinerConfig
+
+from fanomad_stream.replay.logs import LogRecord
+
+ERROR_LEVELS = frozenset({"ERROR", "FATAL", "SEVERE", "CRITICAL", "FAILURE", "PANIC"})
+
+# Masks applied before Drain splits a line into tokens: values that vary per line but not per
+# message shape. Drain3 also turns any token with a digit into a wildcard by itself.
+DEFAULT_MASKS = (
+    (r"blk_-?\d+", "BLK"),
+    (r"\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?", "IP"),
+    (r"0x[0-9a-fA-F]+", "HEX"),
+)
+
+
+class AtomicFilePersistence(PersistenceHandler):  # type: ignore[misc]
+    """drain3 persistence to one file per client, replaced atomically on every save.
+
+    drain3's own ``FilePersistence`` writes in place, so a crash during a save leaves a
+    truncated state. Here the state goes to a temporary file first and then replaces the old
+    one with ``os.replace``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def save_state(self, state: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_bytes(state)
+        os.replace(temporary, self.path)
+
+    def load_state(self) -> bytes | None:
+        # NOTE: drain3 restores its state with jsonpickle, which can build arbitrary objects,
+        # so the state file must be writable by this client only.
+        return self.path.read_bytes() if self.path.is_file() else None
+
+
+@dataclass(frozen=True)
+class MinedLine:
+    """A log record with its template: drain3 cluster id, template text and hash bucket."""
+
+    record: LogRecord
+    cluster_id: int
+    template: str
+    bucket: int
+    is_new: bool
+
+    @property
+    def is_error(self) -> bool:
+        return self.record.level.upper() in ERROR_LEVELS
+
+
+def template_bucket(template: str, n_buckets: int) -> int:
+    """Return a bucket in [0, n_buckets) from a hash of the template text, stable across runs."""
+    digest = hashlib.blake2b(template.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n_buckets
+
+
+class LogTemplateMiner:
+    """drain3 ``TemplateMiner`` with per-client state, so a restart keeps template ids.
+
+    Parameters
+    ----------
+    state_path
+        File holding this client's drain3 state, or None to keep it in memory only. The
+        state is saved whenever a template is created or changes, and by ``save``.
+    n_buckets
+        Width of the hashed template vocabulary. Must be >= 1.
+    similarity_threshold
+        Drain's similarity threshold in (0, 1]: a line joins a template when at least this
+        share of its tokens match. Higher gives more, narrower templates.
+    depth
+        Depth of Drain's prefix tree (>= 3). drain3 uses 4 by default.
+    max_templates
+        Upper bound on the templates kept (least recently used ones are dropped), or None.
+    """
+
+    def __init__(
+        self,
+        state_path: Path | None,
+        *,
+        n_buckets: int = 64,
+        similarity_threshold: float = 0.4,
+        depth: int = 4,
+        max_templates: int | None = 1000,
+    ) -> None:
+        if n_buckets < 1 or depth < 3 or not 0.0 < similarity_threshold <= 1.0:
+            msg = (
+                "need n_buckets >= 1, depth >= 3 and similarity_threshold in (0, 1], got "
+                f"{n_buckets!r}, {depth!r}, {similarity_threshold!r}"
+            )
+            raise ValueError(msg)
+        self.state_path = state_path
+        self.n_buckets = n_buckets
+        self.similarity_threshold = similarity_threshold
+        self.depth = depth
+        self.max_templates = max_templates
+        config = TemplateMinerConfig()
+        config.drain_sim_th = similarity_threshold
+        config.drain_depth = depth
+        config.drain_max_clusters = max_templates
+        config.masking_instructions = [MaskingInstruction(p, name) for p, name in DEFAULT_MASKS]
+        self._persistence = None if state_path is None else AtomicFilePersistence(state_path)
+        self._miner = TemplateMiner(self._persistence, config)
+
+    @property
+    def template_count(self) -> int:
+        return len(self._miner.drain.clusters)
+
+    def mine(self, record: LogRecord) -> MinedLine:
+        """Assign ``record`` to a template, creating or widening one when needed."""
+        result = self._miner.add_log_message(record.line)
+        template = str(result["template_mined"])
+        return MinedLine(
+            record=record,
+            cluster_id=int(result["cluster_id"]),
+            template=template,
+            bucket=template_bucket(template, self.n_buckets),
+            is_new=result["change_type"] == "cluster_created",
+        )
+
+    def mine_all(self, records: Iterable[LogRecord]) -> list[MinedLine]:
+        return [self.mine(record) for record in records]
+
+    def save(self) -> None:
+        """Write the state now (drain3 already saves whenever a template changes)."""
+        if self._persistence is not None:
+            self._miner.save_state("explicit save")
+
+
+def feature_names(n_buckets: int) -> list[str]:
+    """Return the names of the columns of ``window_vector``."""
+    buckets = [f"template_bucket_{i}" for i in range(n_buckets)]
+    return [*buckets, "new_templates", "lines", "lines_per_s", "error_share"]
+
+
+def window_vector(lines: Sequence[MinedLine], duration_s: float, n_buckets: int) -> np.ndarray:
+    """Return the fixed-width float32 feature vector of one window of one source.
+
+    Columns: log1p of the line count per template bucket, log1p of the lines that created a
+    template, log1p of the line count, lines per second over ``duration_s``, and the share of
+    lines at an error level.
+    """
+    if duration_s <= 0:
+        msg = f"duration_s must be > 0, got {duration_s!r}"
+        raise ValueError(msg)
+    counts = np.bincount([line.bucket for line in lines], minlength=n_buckets)[:n_buckets]
+    n = len(lines)
+    new = sum(line.is_new for line in lines)
+    errors = sum(line.is_error for line in lines)
+    tail = [np.log1p(new), np.log1p(n), n / duration_s, errors / n if n else 0.0]
+    return np.concatenate([np.log1p(counts), tail]).astype(np.float32)
+
+
+def line_vectors(lines: Sequence[MinedLine], n_buckets: int) -> np.ndarray:
+    """Return one row per line for the sequence models: one-hot bucket, new flag, error flag.
+
+    The shape is (len(lines), n_buckets + 2), so a window of lines is a (T, F) slice.
+    """
+    rows = np.zeros((len(lines), n_buckets + 2), dtype=np.float32)
+    for i, line in enumerate(lines):
+        rows[i, line.bucket] = 1.0
+        rows[i, n_buckets] = float(line.is_new)
+        rows[i, n_buckets + 1] = float(line.is_error)
+    return rows
+
+
+@dataclass
+class LogWindow:
+    """The lines of one source in one window [start, start + length)."""
+
+    source: str
+    start: float
+    lines: list[MinedLine] = field(default_factory=list)
+
+
+class LogWindower:
+    """Tumbling event-time windows per source.
+
+    A window closes when a line of the same source falls at or after its end, or when it
+    reaches ``max_lines``. Lines that arrive late for a window that already closed join the
+    source's current window, and ``late_lines`` counts them. ``flush`` closes every open window.
+    """
+
+    def __init__(self, window_s: float, *, max_lines: int = 10_000) -> None:
+        if window_s <= 0 or max_lines < 1:
+            msg = f"window_s must be > 0 and max_lines >= 1, got {window_s!r}, {max_lines!r}"
+            raise ValueError(msg)
+        self.window_s = window_s
+        self.max_lines = max_lines
+        self.late_lines = 0
+        self._open: dict[str, LogWindow] = {}
+
+    def add(self, line: MinedLine) -> list[LogWindow]:
+        """Add one line and return the windows it closed (at most one)."""
+        source, ts = line.record.source, line.record.ts
+        start = ts - ts % self.window_s
+        current = self._open.get(source)
+        closed = []
+        if current is not None and start > current.start:
+            closed.append(self._open.pop(source))
+            current = None
+        if current is None:
+            current = self._open[source] = LogWindow(source, start)
+        elif start < current.start:
+            self.late_lines += 1
+        current.lines.append(line)
+        if len(current.lines) >= self.max_lines:
+            closed.append(self._open.pop(source))
+        return closed
+
+    def flush(self) -> list[LogWindow]:
+        closed = list(self._open.values())
+        self._open.clear()
+        return closed
+
+
+@dataclass(frozen=True)
+class LogWindowFeatures:
+    """The feature vector of one closed window of one source."""
+
+    source: str
+    start: float
+    end: float
+    lines: int
+    vector: np.ndarray
+
+
+class LogFeaturizer:
+    """Mine, window and vectorise log records: the per-client log pipeline of an edge client.
+
+    ``add`` returns, for each record, its mined line (for ``line_vectors`` and the sequence
+    models) and the windows it closed, as fixed-width vectors of ``n_features`` columns for
+    the window models.
+
+    Parameters
+    ----------
+    state_path
+        This client's drain3 state file, or None for memory only (see ``LogTemplateMiner``).
+    n_buckets
+        Width of the hashed template vocabulary.
+    window_s
+        Length of the tumbling event-time windows, in seconds. > 0.
+    max_lines
+        A window closes early once it contains this many lines. >= 1.
+    """
+
+    def __init__(
+        self,
+        state_path: Path | None,
+        *,
+        n_buckets: int = 64,
+        window_s: float = 60.0,
+        max_lines: int = 10_000,
+    ) -> None:
+        self.n_buckets = n_buckets
+        self.window_s = window_s
+        self.max_lines = max_lines
+        self.miner = LogTemplateMiner(state_path, n_buckets=n_buckets)
+        self.windower = LogWindower(window_s, max_lines=max_lines)
+
+    @property
+    def n_features(self) -> int:
+        return len(feature_names(self.n_buckets))
+
+    @property
+    def n_line_features(self) -> int:
+        return self.n_buckets + 2
+
+    def add(self, record: LogRecord) -> tuple[MinedLine, list[LogWindowFeatures]]:
+        line = self.miner.mine(record)
+        return line, [self._features(window) for window in self.windower.add(line)]
+
+    def flush(self) -> list[LogWindowFeatures]:
+        """Close every open window (at shutdown or the end of a replay) and save the miner state."""
+        self.miner.save()
+        return [self._features(window) for window in self.windower.flush()]
+
+    def _features(self, window: LogWindow) -> LogWindowFeatures:
+        vector = window_vector(window.lines, self.window_s, self.n_buckets)
+        return LogWindowFeatures(
+            window.source, window.start, window.start + self.window_s, len(window.lines), vector
+        )
