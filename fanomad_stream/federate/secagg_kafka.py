@@ -38,7 +38,7 @@ from fanomad_stream.privacy.secagg import (
     ShareDecryptionError,
 )
 from fanomad_stream.privacy.secagg.encoding import Layout, flatten_update, unflatten_update
-from fanomad_stream.privacy.secagg.messages import SERVER_ID, Message, make_message
+from fanomad_stream.privacy.secagg.messages import SERVER_ID, UNMASK, Message, make_message
 from fanomad_stream.privacy.settings import secure_aggregation_codec
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import make_consumer, topic_name, topic_partitions
@@ -269,7 +269,7 @@ class SecAggParticipant:
         self.announced: Announcement | None = None
         self.client: SecAggClient | None = None
         self.stages_sent: list[str] = []
-        self.completed = 0
+        self.completed: set[int] = set()  # attempts this client sent its unmask shares for
         self._joined: set[int] = set()
         self._producer = producer
         self._consumer: AIOKafkaConsumer | None = None
@@ -343,8 +343,8 @@ class SecAggParticipant:
             self.client = None
             return
         await self._send_all(replies)
-        if replies and replies[-1]["stage"] == "unmask":
-            self.completed += 1
+        if any(reply["stage"] == UNMASK for reply in replies):
+            self.completed.add(client.round_id)
 
     def _on_announcement(self, message: Message) -> None:
         body = message.get("body") or {}
