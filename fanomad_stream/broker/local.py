@@ -122,6 +122,11 @@ class LocalBroker:
     scram_users: tuple[ScramUser, ...] = ()
     heap_mb: int = 512
     extra_properties: dict[str, str] = field(default_factory=dict)
+    # The process this object started, kept so that it is reaped, not garbage-collected while
+    # it runs (which warns "subprocess is still running").
+    _process: subprocess.Popen[bytes] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def bootstrap_servers(self) -> str:
@@ -173,6 +178,7 @@ class LocalBroker:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        self._process = process
         self.pid_file.write_text(str(process.pid))
         log.info("broker_starting", pid=process.pid, bootstrap=self.bootstrap_servers)
         self._wait_ready(process, timeout_s)
@@ -193,6 +199,9 @@ class LocalBroker:
             log.warning("broker_stop_timed_out", pid=pid, timeout_s=timeout_s)
             os.kill(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
+        if self._process is not None:
+            self._process.poll()  # records the exit status, also when _alive reaped it
+            self._process = None
         log.info("broker_stopped", pid=pid)
         return True
 

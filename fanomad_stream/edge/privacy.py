@@ -8,7 +8,7 @@
   on, the client also adds its share of the noise, sized so that the sum over the smallest
   accepted cohort carries std z·C; without it, the aggregator adds the noise.
 
-The update's ``privacy`` field says which of these happened, with the norms and ε involved.
+The update's ``privacy`` field records which of these happened, with the norms and ε involved.
 """
 
 from __future__ import annotations

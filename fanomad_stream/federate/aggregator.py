@@ -29,6 +29,7 @@ from fanomad_stream.federate.aggregate import Weights
 from fanomad_stream.federate.global_model import GlobalModel, GlobalModelReader, publish_global
 from fanomad_stream.federate.rounds import RoundClosed, RoundEngine
 from fanomad_stream.federate.secagg_kafka import SecAggCoordinator, SecAggOutcome
+from fanomad_stream.privacy.dp import SecureGaussian
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
 
@@ -84,10 +85,20 @@ def validate_update(
 
 
 class Aggregator:
-    """Rounds over the ``fl.updates`` topic, or over ``fl.control`` with secure aggregation."""
+    """Rounds over the ``fl.updates`` topic, or over ``fl.control`` with secure aggregation.
 
-    def __init__(self, config: AppConfig) -> None:
+    Parameters
+    ----------
+    config
+        The validated application config.
+    noise
+        Generator of the server's DP noise; None draws a fresh key from the OS. Tests pass a
+        seeded one.
+    """
+
+    def __init__(self, config: AppConfig, *, noise: SecureGaussian | None = None) -> None:
         self.config = config
+        self._noise = noise
         self.settings = config.aggregator
         self._kafka = config.kafka
         self._model_name = self.settings.model_name
@@ -111,7 +122,9 @@ class Aggregator:
         await self._producer.start()
         self._dead = DeadLetters(self._producer, self._kafka, src=f"aggregator:{self._model_name}")
         self.model = await self._load_or_create_global()
-        self.engine = RoundEngine(self.config, self.model.weights, self.model.version)
+        self.engine = RoundEngine(
+            self.config, self.model.weights, self.model.version, noise=self._noise
+        )
         if self.config.privacy.secure_aggregation.enabled:
             self._secagg = SecAggCoordinator(self.config, self._producer)
             await self._secagg.start()

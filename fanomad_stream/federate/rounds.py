@@ -1,6 +1,6 @@
 """The aggregator's fold logic without Kafka: strategy, buffered rounds, client-level DP, ledger.
 
-``RoundEngine`` holds the global model and folds validated updates into it:
+``RoundEngine`` stores the global model and folds validated updates into it:
 
 - synchronous rounds: each update goes into the configured strategy; ``close`` finishes the
   round and returns the next version;
@@ -188,12 +188,6 @@ class RoundEngine:
         self.strategy.begin_round(weights)
         self.version += 1
         return self._finish(round_id, clients, weights)
-
-    def abandon(self) -> None:
-        """Drop the open synchronous round; the global model stays as it was."""
-        self.clients = []
-        if self.buffered is None:
-            self.strategy.begin_round(self.strategy.global_weights)
 
     def _released(self, clients: list[str]) -> RoundClosed:
         assert self.buffered is not None

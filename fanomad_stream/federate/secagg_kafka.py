@@ -3,7 +3,7 @@
 Every protocol message ``{round, stage, sender, recipient, body}`` travels as the body of one
 ``control`` record keyed by its recipient (the aggregator is ``"server"``). The aggregator's
 ``SecAggCoordinator`` announces each attempt with a ``round_open`` message to every invited
-client, runs ``SecAggServer`` and closes a stage when every client answered or its timeout
+client, runs ``SecAggServer`` and closes a stage when every client replied or its timeout
 passed. An edge client's ``SecAggParticipant`` joins the newest announced attempt for the
 global version it holds, with the update of its next training window.
 
@@ -111,7 +111,7 @@ async def poll_control(
 
 @dataclass(frozen=True)
 class SecAggOutcome:
-    """How an attempt ended: the decoded sum of the survivors, or why it aborted."""
+    """Result of one attempt: the decoded sum of the survivors, or the reason it aborted."""
 
     round: int
     version: int
@@ -259,7 +259,7 @@ class Announcement:
 
 
 class SecAggParticipant:
-    """An edge client's side: follow announcements, mask its update, answer the server."""
+    """An edge client's side: follow announcements, mask its update, reply to the server."""
 
     def __init__(self, config: AppConfig, site: str, producer: AIOKafkaProducer) -> None:
         self.config = config
@@ -338,7 +338,7 @@ class SecAggParticipant:
             self.client = None
             return
         except (ProtocolError, ShareDecryptionError, ValueError) as err:
-            # Leaving the round is always safe: the others go on without this client.
+            # The server treats a client that stops replying as dropped, so the round goes on.
             self._log.error("secagg_protocol_error", round=client.round_id, error=str(err))
             self.client = None
             return

@@ -136,8 +136,8 @@ def min_cohort(config: AppConfig) -> int:
 def client_sampling_rate(config: AppConfig) -> float:
     """Return q = expected cohort / population, the client sampling rate the accountant uses.
 
-    NOTE: cohorts are whoever answers first, not a Poisson sample; the figure assumes Poisson
-    sampling at this rate, which is exact only for q = 1.
+    NOTE: a cohort is the first clients to send an update, not a Poisson sample. The figure
+    assumes Poisson sampling at this rate, which is exact only for q = 1.
     """
     return min(1.0, expected_cohort(config) / population(config))
 

@@ -25,7 +25,7 @@ from fanomad_stream.privacy.dp import SecureGaussian, add_sum_noise, clip_update
 
 @dataclass(frozen=True)
 class Release:
-    """What the last finished round released: how many clients, how many clipped, which noise."""
+    """Summary of the last released round: client count, clipped count and the noise added."""
 
     clients: int
     clipped: int
@@ -48,8 +48,8 @@ class ClientLevelDP(StrategyWrapper):
     denominator
         Expected cohort size the noised sum is divided by, >= 1.
     min_cohort
-        Fewest clients a round may sum; ``finish_round`` raises RoundError below it, so a
-        round never releases a sum of fewer clients than the noise was sized for.
+        Minimum number of clients a round may sum. ``finish_round`` raises RoundError below
+        it, so a round never releases a sum of fewer clients than the noise was sized for.
     noise
         The generator of the server's noise; None when only clients add noise.
     """
@@ -94,7 +94,7 @@ class ClientLevelDP(StrategyWrapper):
         self._noised_by_clients = False
 
     def fold(self, delta: Mapping[str, np.ndarray], n_samples: float) -> None:
-        """Clip ``delta`` to C and add it with weight 1; ``n_samples`` is only validated."""
+        """Clip ``delta`` to C and add it with weight 1. ``n_samples`` is only validated."""
         check_update(delta, n_samples, self.inner.global_weights)
         clipped = clip_update(delta, clipping_norm=self.clipping_norm)
         for name, total in self._sum.items():
