@@ -157,7 +157,8 @@ class SecureAggregationSettings(_Section):
     enabled: bool = False
     # Shamir threshold t: the fewest clients that must survive every stage, > half the cohort.
     threshold: int = Field(default=2, ge=2)
-    # Seconds the aggregator waits for one protocol stage before closing it with who answered.
+    # Seconds the aggregator waits for one protocol stage before closing it with the clients
+    # that replied.
     stage_timeout_s: float = Field(default=30.0, gt=0.0, allow_inf_nan=False)
     # Fixed-point precision: the rounding step is 2^-scale_bits parameter units.
     scale_bits: int = Field(default=16, ge=0, le=40)

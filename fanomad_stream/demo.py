@@ -142,10 +142,12 @@ def privacy_summary(config: AppConfig, ledger: list[Keyed]) -> list[str]:
         for record in ledger:
             if record.key != config.aggregator.model_name:
                 per_client[record.key] = record.envelope.body["epsilon"]
-        shown = ", ".join(f"{site} {eps:.3f}" for site, eps in sorted(per_client.items()))
+        spent_per_client = ", ".join(
+            f"{site} {eps:.3f}" for site, eps in sorted(per_client.items())
+        )
         lines.append(
             f"Privacy: sample-level DP-SGD ε per client at δ = {privacy.dp_sgd.delta:g}: "
-            f"{shown or 'no window trained'}."
+            f"{spent_per_client or 'no window trained'}."
         )
     return lines
 

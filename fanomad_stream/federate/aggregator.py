@@ -198,7 +198,9 @@ class Aggregator:
             body = envelope.body
             if self._secagg is not None:
                 raise UpdateRejectedError(
-                    "secure_aggregation", "plain updates are refused: secure aggregation is on"
+                    "secure_aggregation",
+                    "plain update rejected because secure aggregation is on; clients must send "
+                    "their updates through fl.control",
                 )
             buffered = self.engine.buffered is not None
             # Buffered rounds accept any version within the staleness bound, and the buffer

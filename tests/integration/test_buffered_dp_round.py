@@ -28,7 +28,7 @@ def _delta(template: Weights, seed: int) -> Weights:
     }
 
 
-async def test_buffer_of_two_clipped_updates_gets_seeded_server_noise(
+async def test_buffered_dp_round_adds_seeded_noise(
     topics: KafkaSettings,
 ) -> None:
     config = make_config(

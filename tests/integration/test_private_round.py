@@ -1,6 +1,6 @@
 """DP and secure aggregation rounds between the aggregator and in-process clients, on the broker.
 
-The aggregator is the real service; the three clients are ``SecAggParticipant`` objects, each
+The aggregator is the real service. The three clients are ``SecAggParticipant`` objects, each
 with its own producer and control consumer, so every protocol message crosses Kafka as a
 ``control`` record. Each client's update is clipped and noised by ``privatize_client_update``
 with a seeded generator, so the test knows exactly what the sum must be.
@@ -38,14 +38,14 @@ DELTA = 1e-5
 SCALE_BITS = 16
 
 
-def _config(kafka: KafkaSettings, *, stage_timeout_s: float = 3.0) -> AppConfig:
+def _config(kafka: KafkaSettings, *, stage_timeout_s: float = 3.0, dp: bool = True) -> AppConfig:
     return make_config(
         kafka,
         model={"n_features": 6, "hidden": [4], "seed": 3},
         aggregator={"quorum": 3, "clients": CLIENTS, "round_deadline_s": 30},
         privacy={
             "client_dp": {
-                "enabled": True,
+                "enabled": dp,
                 "clipping_norm": CLIPPING_NORM,
                 "noise_multiplier": NOISE_MULTIPLIER,
                 "delta": DELTA,
@@ -235,3 +235,41 @@ async def test_round_below_threshold_aborts_and_keeps_the_model(topics: KafkaSet
         assert lonely.wants_update(0)  # and it may join the new attempt
     ledger = await read_topic(config.kafka, "privacy.ledger", frozenset({"ledger"}))
     assert ledger == []
+
+
+async def test_secure_round_without_dp_is_sample_weighted_fedavg(topics: KafkaSettings) -> None:
+    config = _config(topics, dp=False)
+    window = config.edge.window_events
+    samples = {"site-a": 500, "site-b": 1000, "site-c": 1500}
+    async with _federation(config) as (aggregator, participants):
+        assert aggregator.model is not None
+        start = aggregator.model.weights
+        for participant in participants:
+            while not participant.wants_update(0):
+                await participant.poll(timeout_ms=200)
+        deltas = {}
+        for seed, participant in enumerate(participants, start=1):
+            rng = np.random.default_rng(seed)
+            delta = {
+                name: (rng.standard_normal(np.shape(array)) * 0.2).astype(np.float32)
+                for name, array in start.items()
+            }
+            deltas[participant.site] = delta
+            vector, _ = flatten_update(delta)
+            weight = samples[participant.site] / window
+            await participant.submit(vector, weight=weight, metadata={})
+        await _drive(participants, lambda: aggregator.rounds_completed >= 1)
+
+        total = sum(samples.values())
+        expected = {
+            name: start[name]
+            + sum(n * deltas[site][name].astype(np.float64) for site, n in samples.items()) / total
+            for name in start
+        }
+        # Three rounding steps of 2^-16 on the weighted sum, divided by the total weight 1.5.
+        tolerance = 3 * 2.0**-SCALE_BITS / 1.5 + 1e-6
+        for name in start:
+            np.testing.assert_allclose(
+                aggregator.model.weights[name], expected[name], rtol=0, atol=tolerance
+            )
+    assert await read_topic(config.kafka, "privacy.ledger", frozenset({"ledger"})) == []

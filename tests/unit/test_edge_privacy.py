@@ -58,7 +58,7 @@ def test_client_dp_without_secure_aggregation_only_clips() -> None:
     assert info["noise_share_std"] == 0.0
 
 
-def test_client_dp_with_secure_aggregation_adds_a_noise_share() -> None:
+def test_secure_client_dp_adds_noise_share() -> None:
     config = _config(
         {
             "client_dp": {"enabled": True, "clipping_norm": 0.5, "noise_multiplier": 1.2},
@@ -76,7 +76,7 @@ def test_client_dp_with_secure_aggregation_adds_a_noise_share() -> None:
     assert privacy.secure_weight(32) == 1.0
 
 
-def test_dp_sgd_window_is_recorded_in_the_client_ledger() -> None:
+def test_dp_sgd_window_recorded_in_ledger() -> None:
     config = _config({"dp_sgd": {"enabled": True, "clipping_norm": 1.0, "noise_multiplier": 1.1}})
     privacy = EdgePrivacy(config, "a", noise=SecureGaussian(test_seed=5))
     pipeline = _filled_pipeline(config)

@@ -63,7 +63,7 @@ class TestDefaultStrategy:
         # Mean delta: ((2 - 3) / 4, 4 / 4) = (-0.25, 1.0).
         np.testing.assert_array_equal(engine.close().weights["w"], [0.75, 3.0])
 
-    def test_secure_sum_gives_the_same_model_as_single_folds(self) -> None:
+    def test_secure_sum_matches_single_folds(self) -> None:
         start = _weights(0)
         updates = [(_weights(1, 0.1), 1000), (_weights(2, 0.1), 2000)]
         # Under secure aggregation each client sends n / window_events times its delta.
@@ -138,7 +138,7 @@ def _dp_config(**client_dp: object) -> AppConfig:
 
 
 class TestClientLevelDP:
-    def test_round_is_clipped_noised_and_divided_by_the_cohort(self) -> None:
+    def test_dp_round_clips_noises_and_divides(self) -> None:
         start = _weights(0)
         deltas = [_weights(1, 1.0), _weights(2, 0.01), _weights(3, 1.0)]
         engine = RoundEngine(_dp_config(), start, version=0, noise=SecureGaussian(test_seed=9))
