@@ -22,6 +22,7 @@ from fanomad_stream.edge.privacy import EdgePrivacy, TrainedUpdate
 from fanomad_stream.errors import DecodeError
 from fanomad_stream.federate.global_model import GlobalModelReader
 from fanomad_stream.federate.secagg_kafka import SecAggParticipant
+from fanomad_stream.privacy.ledger_records import read_ledger_records
 from fanomad_stream.privacy.secagg.encoding import flatten_update
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
@@ -101,6 +102,8 @@ class EdgeClient:
         if self.config.privacy.secure_aggregation.enabled:
             self.secagg = SecAggParticipant(self.config, self.site, self._producer)
             await self.secagg.start()
+        if self.privacy.ledger is not None:
+            self.privacy.restore_ledger(await read_ledger_records(self._kafka, self.site))
         self._log.info("edge_started", group=group, sources=sorted(self.sources.values()))
 
     async def stop(self) -> None:

@@ -27,6 +27,7 @@ from fanomad_stream.privacy import settings as privacy_settings
 from fanomad_stream.privacy.accountant import PrivacyLedger, compute_epsilon
 from fanomad_stream.privacy.dp import SecureGaussian, clip_update, privatize_client_update
 from fanomad_stream.privacy.dpsgd import train_dp_sgd
+from fanomad_stream.privacy.ledger_records import restore_ledger
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +71,18 @@ class EdgePrivacy:
                 subject=f"client:{site}",
                 level="sample",
             )
+
+    def restore_ledger(self, bodies: list[dict[str, Any]]) -> None:
+        """Rebuild the sample-level ledger from this client's ``privacy.ledger`` records."""
+        if self.ledger is None:
+            return
+        restored = restore_ledger(self.ledger, bodies)
+        log.info(
+            "privacy_ledger_restored",
+            client_id=self.site,
+            rounds=restored,
+            epsilon=self.ledger.spent_epsilon(),
+        )
 
     def train(self, pipeline: EdgePipeline, *, round_id: int) -> TrainedUpdate | None:
         """Train on the pipeline's window and protect the delta; None when the budget stops it."""

@@ -30,6 +30,7 @@ from fanomad_stream.federate.global_model import GlobalModel, GlobalModelReader,
 from fanomad_stream.federate.rounds import RoundClosed, RoundEngine
 from fanomad_stream.federate.secagg_kafka import SecAggCoordinator, SecAggOutcome
 from fanomad_stream.privacy.dp import SecureGaussian
+from fanomad_stream.privacy.ledger_records import read_ledger_records
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
 
@@ -125,6 +126,8 @@ class Aggregator:
         self.engine = RoundEngine(
             self.config, self.model.weights, self.model.version, noise=self._noise
         )
+        if self.engine.ledger is not None:
+            self.engine.restore_ledger(await read_ledger_records(self._kafka, self._model_name))
         if self.config.privacy.secure_aggregation.enabled:
             self._secagg = SecAggCoordinator(self.config, self._producer)
             await self._secagg.start()

@@ -30,6 +30,7 @@ from fanomad_stream.federate.strategies import Strategy
 from fanomad_stream.privacy import settings as privacy_settings
 from fanomad_stream.privacy.accountant import PrivacyLedger
 from fanomad_stream.privacy.dp import SecureGaussian
+from fanomad_stream.privacy.ledger_records import restore_ledger
 from fanomad_stream.privacy.strategy import ClientLevelDP
 
 log = structlog.get_logger(__name__)
@@ -206,6 +207,19 @@ class RoundEngine:
             ledger = self.ledger_record("round")
             self._check_budget()
         return RoundClosed(round_id, self.version, weights, clients, ledger)
+
+    def restore_ledger(self, bodies: list[dict[str, Any]]) -> None:
+        """Rebuild the ledger from the model's ``privacy.ledger`` records, then check the budget."""
+        if self.ledger is None:
+            return
+        restored = restore_ledger(self.ledger, bodies)
+        self._check_budget()
+        log.info(
+            "privacy_ledger_restored",
+            rounds=restored,
+            epsilon=self.ledger.spent_epsilon(),
+            training_stopped=self.training_stopped,
+        )
 
     def _check_budget(self) -> None:
         assert self.ledger is not None

@@ -91,3 +91,14 @@ async def test_buffered_dp_round_adds_seeded_noise(
     expected_epsilon = compute_epsilon(noise_multiplier=1.3, sampling_rate=1.0, steps=1, delta=1e-5)
     assert body["epsilon"] == pytest.approx(expected_epsilon, rel=1e-9)
     assert body["params"]["noise_added_by"] == "server"
+
+    # A restarted aggregator rebuilds the ledger from the topic instead of starting at ε = 0.
+    restarted = Aggregator(config)
+    await restarted.start()
+    try:
+        assert restarted.model is not None and restarted.model.version == 1
+        assert restarted.engine is not None and restarted.engine.ledger is not None
+        assert restarted.engine.ledger.rounds == 1
+        assert restarted.engine.ledger.spent_epsilon() == pytest.approx(expected_epsilon)
+    finally:
+        await restarted.stop()

@@ -119,3 +119,20 @@ def test_model_epsilon_follows_the_versions() -> None:
     assert privacy.model_epsilon(0) is None
     expected = compute_epsilon(noise_multiplier=1.5, sampling_rate=1.0, steps=3, delta=1e-5)
     assert privacy.model_epsilon(3) == pytest.approx(expected)
+
+
+def test_edge_ledger_survives_restart() -> None:
+    config = _config({"dp_sgd": {"enabled": True, "noise_multiplier": 1.1}})
+    privacy = EdgePrivacy(config, "a", noise=SecureGaussian(test_seed=7))
+    pipeline = _filled_pipeline(config)
+    first = privacy.train(pipeline, round_id=0)
+    pipeline.process("a", np.random.default_rng(2).standard_normal((64, 5)).astype(np.float32))
+    second = privacy.train(pipeline, round_id=0)  # a second window on the same version
+    assert first is not None and first.ledger is not None
+    assert second is not None and second.ledger is not None
+
+    restarted = EdgePrivacy(config, "a")
+    restarted.restore_ledger([first.ledger, second.ledger])
+    assert restarted.ledger is not None and privacy.ledger is not None
+    assert restarted.ledger.rounds == 2
+    assert restarted.ledger.spent_epsilon() == pytest.approx(privacy.ledger.spent_epsilon())

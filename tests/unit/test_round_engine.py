@@ -263,3 +263,38 @@ class TestPrivacyConfig:
         config = _config(privacy={**self._secure(), "client_dp": {"enabled": True}})
         assert config.privacy.secure_aggregation.threshold == 2
         assert math.isclose(config.privacy.client_dp.clipping_norm, 0.1)
+
+
+class TestLedgerRestore:
+    def _two_rounds(self, config: AppConfig) -> list[dict[str, object]]:
+        engine = RoundEngine(config, _weights(0), version=0, noise=SecureGaussian(test_seed=4))
+        bodies = []
+        for round_id in range(2):
+            for client in CLIENTS:
+                engine.fold(client, round_id, _weights(round_id + 20, 0.1), 100)
+            closed = engine.close()
+            assert closed.ledger is not None
+            bodies.append(closed.ledger)
+        return bodies
+
+    def test_restart_keeps_the_spent_epsilon(self) -> None:
+        config = _dp_config()
+        bodies = self._two_rounds(config)
+        # The second record read twice, as a redelivered record would be.
+        restarted = RoundEngine(config, _weights(0), version=2)
+        restarted.restore_ledger([*bodies, bodies[-1]])
+        assert restarted.ledger is not None
+        assert restarted.ledger.rounds == 2
+        expected = compute_epsilon(noise_multiplier=1.1, sampling_rate=1.0, steps=2, delta=1e-5)
+        assert restarted.ledger.spent_epsilon() == pytest.approx(expected, rel=1e-9)
+
+    def test_restart_stops_training_when_the_budget_is_spent(self) -> None:
+        bodies = self._two_rounds(_dp_config())
+        two_rounds = compute_epsilon(noise_multiplier=1.1, sampling_rate=1.0, steps=2, delta=1e-5)
+        tight = RoundEngine(_dp_config(epsilon_budget=two_rounds + 0.01), _weights(0), version=2)
+        assert tight.training_stopped is None
+        tight.restore_ledger(bodies)
+        assert tight.training_stopped is not None
+        loose = RoundEngine(_dp_config(epsilon_budget=100.0), _weights(0), version=2)
+        loose.restore_ledger(bodies)
+        assert loose.training_stopped is None
