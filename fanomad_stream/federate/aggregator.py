@@ -273,7 +273,10 @@ class Aggregator:
             await self._open_round()
             return
         self.engine.fold_secure_sum(
-            outcome.total, clients=outcome.clients, total_weight=outcome.total_weight
+            outcome.total,
+            clients=outcome.clients,
+            total_weight=outcome.total_weight,
+            clipped_values=outcome.clipped_values,
         )
         self._log.info(
             "secure_sum_folded",

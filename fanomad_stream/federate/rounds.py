@@ -91,6 +91,7 @@ class RoundEngine:
         self.version = version
         self.clients: list[str] = []
         self.training_stopped: str | None = None
+        self._encoding_clipped = 0
         buffered = config.aggregator.buffered_async
         self.buffered: BufferedAsyncAggregator | None = None
         if buffered is not None:
@@ -154,13 +155,21 @@ class RoundEngine:
         return self._released(list(result.clients))
 
     def fold_secure_sum(
-        self, total: Mapping[str, np.ndarray], *, clients: list[str], total_weight: float
+        self,
+        total: Mapping[str, np.ndarray],
+        *,
+        clients: list[str],
+        total_weight: float,
+        clipped_values: int = 0,
     ) -> None:
         """Fold the unmasked sum of a secure aggregation round into the open round.
 
         ``total`` is the sum of the clients' weighted (or, with DP, clipped and noised) deltas
-        and ``total_weight`` the sum of their weights.
+        and ``total_weight`` the sum of their weights. ``clipped_values`` counts the values the
+        clients' fixed-point encoding clipped; the ledger record reports it, because a
+        non-zero count voids the DP guarantee of the round.
         """
+        self._encoding_clipped = clipped_values
         if self.buffered is not None:
             raise RoundError("secure aggregation runs synchronous rounds only")
         if isinstance(self.strategy, ClientLevelDP):
@@ -206,6 +215,7 @@ class RoundEngine:
             )
             ledger = self.ledger_record("round")
             self._check_budget()
+        self._encoding_clipped = 0
         return RoundClosed(round_id, self.version, weights, clients, ledger)
 
     def restore_ledger(self, bodies: list[dict[str, Any]]) -> None:
@@ -244,4 +254,5 @@ class RoundEngine:
             body["params"]["cohort"] = release.clients
             body["params"]["clipped_clients"] = release.clipped
             body["params"]["noise_added_by"] = release.noised_by
+            body["params"]["encoding_clipped_values"] = self._encoding_clipped
         return body

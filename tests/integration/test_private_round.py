@@ -190,6 +190,7 @@ async def test_dp_secure_round_equals_the_plain_sum(
     )
     assert bodies[0]["epsilon"] == pytest.approx(expected_epsilon, rel=1e-9)
     assert bodies[0]["params"]["noise_added_by"] == "clients"
+    assert bodies[0]["params"]["encoding_clipped_values"] == 0
     assert ledger[0].key == config.aggregator.model_name
 
 
