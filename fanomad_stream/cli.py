@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("demo", help="run the whole system once on a broker of its own")
     commands.add_parser("bench", help="measure consume and scoring throughput")
+    # `fanomad-stream demo --config X` works as well as `fanomad-stream --config X demo`.
+    for command in commands.choices.values():
+        command.add_argument(
+            "--config", type=Path, default=argparse.SUPPRESS, help="YAML config file"
+        )
     return parser
 
 
