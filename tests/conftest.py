@@ -42,9 +42,7 @@ def topic_prefix(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def kafka_settings(kafka_broker: LocalBroker, topic_prefix: str) -> KafkaSettings:
-    return KafkaSettings(
-        bootstrap_servers=kafka_broker.bootstrap_servers, topic_prefix=topic_prefix
-    )
+    return KafkaSettings(bootstrap_servers=kafka_broker.bootstrap_servers, topic_prefix=topic_prefix)
 
 
 @pytest.fixture
