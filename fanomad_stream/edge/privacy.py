@@ -139,7 +139,8 @@ class EdgePrivacy:
             steps=result.steps,
         )
         info = {
-            "epsilon": self.ledger.spent_epsilon(),
+            # The projection of the budget check composed exactly the history recorded now.
+            "epsilon": check.projected_epsilon,
             "delta": settings.delta,
             "steps": result.steps,
             "sampling_rate": result.sampling_rate,
