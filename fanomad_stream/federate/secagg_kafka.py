@@ -259,7 +259,12 @@ class Announcement:
 
 
 class SecAggParticipant:
-    """An edge client's side: follow announcements, mask its update, reply to the server."""
+    """An edge client's side: follow announcements, mask its update, reply to the server.
+
+    NOTE: after an aborted attempt a client joins the next one only with a new training
+    window, never with the update it already masked, so a site whose stream has ended cannot
+    help a retried round.
+    """
 
     def __init__(self, config: AppConfig, site: str, producer: AIOKafkaProducer) -> None:
         self.config = config
