@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fanomad_stream.errors import ConfigError
+from fanomad_stream.federate.strategy_settings import BufferedAsyncSettings, StrategySettings
 
 MiB = 1024 * 1024
 
@@ -116,6 +117,74 @@ class AggregatorSettings(_Section):
     round_deadline_s: float = Field(default=60.0, gt=0)
     max_rounds: int | None = Field(default=None, ge=1)
     model_name: str = "smd-ae"
+    # How the round's updates are combined; FedAvg by default.
+    strategy: StrategySettings = StrategySettings()
+    # FedBuff-style asynchronous rounds instead of synchronous ones; None keeps rounds synchronous.
+    buffered_async: BufferedAsyncSettings | None = None
+
+
+class ClientDPSettings(_Section):
+    """Client-level differential privacy (DP-FedAvg): clip each client's delta, noise the sum.
+
+    The guarantee is per client and per model: adding or removing one client's whole data
+    changes the released global model by at most ``clipping_norm`` before noise.
+    """
+
+    enabled: bool = False
+    # Largest flat L2 norm of one client's delta, in parameter units, > 0. Smaller bounds each
+    # client's influence more tightly and biases large updates more.
+    clipping_norm: float = Field(default=0.1, gt=0.0, allow_inf_nan=False)
+    # Noise std on the sum of the deltas divided by clipping_norm, >= 0; larger is more private.
+    noise_multiplier: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    # δ of the reported (ε, δ), in (0, 1); keep it well below 1 / population.
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    # Largest ε the global model may spend over the run, None for no limit.
+    epsilon_budget: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    # Smallest number of clients a noised round accepts; with secure aggregation each client's
+    # noise share is sized for it. None: the secure aggregation threshold, or the quorum.
+    min_cohort: int | None = Field(default=None, ge=1)
+    # Number of clients that could be sampled; None: the aggregator's client list.
+    population: int | None = Field(default=None, ge=1)
+
+
+class DpSgdSettings(_Section):
+    """Sample-level DP-SGD for local training: per-record clipping and Gaussian noise."""
+
+    enabled: bool = False
+    # Largest L2 norm of one record's gradient, in gradient units, > 0.
+    clipping_norm: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    # Noise std on the summed batch gradient divided by clipping_norm, >= 0.
+    noise_multiplier: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    # δ of each client's (ε, δ) guarantee, in (0, 1); keep it well below 1 / records.
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    # Largest ε one client's records may spend; the client stops training beyond it.
+    epsilon_budget: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+
+
+class SecureAggregationSettings(_Section):
+    """Double-masking secure aggregation over ``fl.control``: the aggregator sees only the sum."""
+
+    enabled: bool = False
+    # Shamir threshold t: the fewest clients that must survive every stage, > half the cohort.
+    threshold: int = Field(default=2, ge=2)
+    # Seconds the aggregator waits for one protocol stage before closing it with the clients
+    # that replied.
+    stage_timeout_s: float = Field(default=30.0, gt=0.0, allow_inf_nan=False)
+    # Fixed-point precision: the rounding step is 2^-scale_bits parameter units.
+    scale_bits: int = Field(default=16, ge=0, le=40)
+    # Largest ring width the deployment accepts, in bits.
+    max_bits: int = Field(default=32, ge=8, le=62)
+    # Largest absolute coordinate of an encoded update, in parameter units; values beyond it
+    # are clipped and counted. None: clipping_norm plus 8 noise-share stds with DP on, else 1.
+    clip_range: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+
+
+class PrivacySettings(_Section):
+    """Client-level DP, sample-level DP-SGD and secure aggregation, each off by default."""
+
+    client_dp: ClientDPSettings = ClientDPSettings()
+    dp_sgd: DpSgdSettings = DpSgdSettings()
+    secure_aggregation: SecureAggregationSettings = SecureAggregationSettings()
 
 
 class EvaluationSettings(_Section):
@@ -132,8 +201,16 @@ class AppConfig(_Section):
     edge: EdgeSettings = EdgeSettings()
     aggregator: AggregatorSettings = AggregatorSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    privacy: PrivacySettings = PrivacySettings()
     output_dir: Path = Path("runs/demo")
     min_global_versions: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _privacy_fits_the_federation(self) -> AppConfig:
+        from fanomad_stream.privacy.settings import check_privacy_settings
+
+        check_privacy_settings(self)
+        return self
 
 
 def load_config(path: Path | str | None) -> AppConfig:
@@ -162,6 +239,10 @@ def parse_config(raw: dict[str, object], source: str = "<dict>") -> AppConfig:
     except ValidationError as err:
         lines = []
         for problem in err.errors():
+            if not problem["loc"] and problem["type"] == "value_error":
+                # Cross-section checks start their message with the key path to change.
+                lines.append(f"  {problem['ctx']['error']}")
+                continue
             where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
             lines.append(f"  {where}: {problem['msg']} (got {problem.get('input')!r})")
         msg = f"invalid configuration in {source}:\n" + "\n".join(lines)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -26,7 +27,7 @@ from fanomad_stream.config import AppConfig
 from fanomad_stream.evaluate.run import evaluate, render_markdown, write_outputs
 from fanomad_stream.replay.smd import replay_smd
 from fanomad_stream.service.progress import progress_bar
-from fanomad_stream.transport.reader import end_offsets, read_topic
+from fanomad_stream.transport.reader import Keyed, end_offsets, read_topic
 from fanomad_stream.transport.topics import apply_catalog, load_catalog
 
 log = structlog.get_logger(__name__)
@@ -94,6 +95,7 @@ async def _run(
     evaluation = await evaluate(config)
     json_path, md_path = write_outputs(evaluation, config, out_dir)
     scored = sum((await end_offsets(config.kafka, "scores")).values())
+    ledger = await read_topic(config.kafka, "privacy.ledger", frozenset({"ledger"}))
     print()
     print(render_markdown(evaluation, config))
     print()
@@ -101,11 +103,59 @@ async def _run(
         f"Replayed points: {replayed.total_points}; published scores: {scored}; "
         f"global model versions on fl.global: {versions}."
     )
+    for line in privacy_summary(config, ledger):
+        print(line)
     print(f"Results: {json_path} and {md_path}; service logs in {out_dir}.")
     ok = scored == replayed.total_points and versions >= config.min_global_versions
     if not ok:
         print("error: the counts above do not match; see the service logs", file=sys.stderr)
     return 0 if ok else 1
+
+
+def privacy_summary(config: AppConfig, ledger: list[Keyed]) -> list[str]:
+    """Return the demo's privacy lines: the ε the global model (and each client) spent."""
+    privacy = config.privacy
+    secure = privacy.secure_aggregation
+    secagg = (
+        f"secure aggregation on (threshold {secure.threshold} of "
+        f"{len(config.aggregator.clients or [])})"
+        if secure.enabled
+        else "secure aggregation off"
+    )
+    if not (privacy.client_dp.enabled or privacy.dp_sgd.enabled):
+        return [f"Privacy: no differential privacy (ε = ∞); {secagg}."]
+    lines = []
+    model = [r.envelope.body for r in ledger if r.key == config.aggregator.model_name]
+    if privacy.client_dp.enabled:
+        dp = privacy.client_dp
+        spent = _last(model)
+        epsilon = 0.0 if spent is None else spent["epsilon"]
+        rounds = 0 if spent is None else spent["params"]["rounds"]
+        lines.append(
+            f"Privacy: client-level ε spent = {epsilon:.3f} at δ = {dp.delta:g} after {rounds} "
+            f"DP rounds (PLD accountant; noise multiplier {dp.noise_multiplier}, clipping norm "
+            f"{dp.clipping_norm}, budget {dp.epsilon_budget}); {secagg}."
+        )
+        stopped = [body for body in model if body.get("status") == "training_stopped"]
+        if stopped:
+            lines.append(f"Training stopped: {stopped[-1]['reason']}")
+    if privacy.dp_sgd.enabled:
+        per_client: dict[str, float] = {}
+        for record in ledger:
+            if record.key != config.aggregator.model_name:
+                per_client[record.key] = record.envelope.body["epsilon"]
+        spent_per_client = ", ".join(
+            f"{site} {eps:.3f}" for site, eps in sorted(per_client.items())
+        )
+        lines.append(
+            f"Privacy: sample-level DP-SGD ε per client at δ = {privacy.dp_sgd.delta:g}: "
+            f"{spent_per_client or 'no window trained'}."
+        )
+    return lines
+
+
+def _last(bodies: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return bodies[-1] if bodies else None
 
 
 def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:

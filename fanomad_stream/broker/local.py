@@ -129,7 +129,11 @@ class LocalBroker:
     ssl_key_password: str | None = None
     heap_mb: int = 512
     extra_properties: dict[str, str] = field(default_factory=dict)
-    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    # The process this object started, kept so that it is reaped, not garbage-collected while
+    # it runs (which warns "subprocess is still running").
+    _process: subprocess.Popen[bytes] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def bootstrap_servers(self) -> str:
@@ -205,6 +209,9 @@ class LocalBroker:
             self._process.wait()  # reap our own child so it does not linger as a zombie
             self._process = None
         self.pid_file.unlink(missing_ok=True)
+        if self._process is not None:
+            self._process.poll()  # records the exit status, also when _alive reaped it
+            self._process = None
         log.info("broker_stopped", pid=pid)
         return True
 

@@ -18,8 +18,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from fanomad_stream.config import AppConfig
 from fanomad_stream.edge.pipeline import BatchResult, EdgePipeline
+from fanomad_stream.edge.privacy import EdgePrivacy, TrainedUpdate
 from fanomad_stream.errors import DecodeError
 from fanomad_stream.federate.global_model import GlobalModelReader
+from fanomad_stream.federate.secagg_kafka import SecAggParticipant
+from fanomad_stream.privacy.ledger_records import read_ledger_records
+from fanomad_stream.privacy.secagg.encoding import flatten_update
 from fanomad_stream.service.metrics import EdgeMetrics
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
@@ -84,6 +88,9 @@ class EdgeClient:
         self._dead: DeadLetters | None = None
         self._stopping = asyncio.Event()
         self._log = log.bind(client_id=site)
+        self.privacy = EdgePrivacy(config, site)
+        self.secagg: SecAggParticipant | None = None
+        self._stop_recorded = False
 
     async def start(self) -> None:
         assert self._producer is None, "EdgeClient.start() called twice"
@@ -94,6 +101,11 @@ class EdgeClient:
         self._consumer = make_consumer(self._kafka, "metrics.raw", group_id=group)
         await self._consumer.start()
         await self._global.start()
+        if self.config.privacy.secure_aggregation.enabled:
+            self.secagg = SecAggParticipant(self.config, self.site, self._producer)
+            await self.secagg.start()
+        if self.privacy.ledger is not None:
+            self.privacy.restore_ledger(await read_ledger_records(self._kafka, self.site))
         self._log.info("edge_started", group=group, sources=sorted(self.sources.values()))
 
     async def stop(self) -> None:
@@ -102,6 +114,9 @@ class EdgeClient:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        if self.secagg is not None:
+            await self.secagg.stop()
+            self.secagg = None
         await self._global.stop()
         if self._producer is not None:
             await self._producer.stop()
@@ -148,9 +163,18 @@ class EdgeClient:
         self.metrics.record_consumed(consumed)
         await self.metrics.record_lag(self._consumer)
 
-        if self.pipeline.window_ready() and self.global_version > self.last_update_round:
+        if self.secagg is not None:
+            await self.secagg.poll()
+        if self.pipeline.window_ready() and self._may_train():
             await self._train_and_send()
         return consumed
+
+    def _may_train(self) -> bool:
+        if self.privacy.training_stopped is not None:
+            return False
+        if self.secagg is not None:
+            return self.secagg.wants_update(self.global_version)
+        return self.global_version > self.last_update_round
 
     async def _refresh_global(self) -> None:
         newer = await self._global.poll(timeout_ms=0)
@@ -158,7 +182,12 @@ class EdgeClient:
             return
         self.pipeline.detector.load_weights(newer.weights)
         self.global_version = newer.version
-        self._log.info("global_model_loaded", version=newer.version, round=newer.round)
+        self._log.info(
+            "global_model_loaded",
+            version=newer.version,
+            round=newer.round,
+            model_epsilon=self.privacy.model_epsilon(newer.version),
+        )
 
     async def _decode(self, batches: dict[Any, list[ConsumerRecord]]) -> dict[str, list[_Row]]:
         assert self._dead is not None
@@ -255,28 +284,62 @@ class EdgeClient:
         if latest is not None:
             self.pipeline.detector.load_weights(latest.weights)
         round_id = self.global_version
-        delta, n_samples = await asyncio.to_thread(self.pipeline.train_window)
-        body = {
-            "round": round_id,
-            "client_id": self.site,
-            "n_samples": n_samples,
-            "base_version": self.global_version,
-            "delta": delta,
-            "privacy": {"mechanism": "none"},
-            "train_loss": self.pipeline.detector.last_loss,
-        }
-        value = codec.encode("update", body, src=self.site, ts=time.time())
-        await self._producer.send_and_wait(
-            topic_name(self._kafka, "fl.updates"), value=value, key=self.site.encode()
-        )
+        trained = await asyncio.to_thread(self.privacy.train, self.pipeline, round_id=round_id)
+        if trained is None:
+            await self._record_training_stop()
+            return
+        if trained.ledger is not None:
+            await self._publish_ledger(trained.ledger)
+        if self.secagg is not None:
+            await self._submit_secure(trained)
+        else:
+            body = {
+                "round": round_id,
+                "client_id": self.site,
+                "n_samples": trained.n_samples,
+                "base_version": self.global_version,
+                "delta": trained.delta,
+                "privacy": trained.privacy,
+                "train_loss": self.pipeline.detector.last_loss,
+            }
+            value = codec.encode("update", body, src=self.site, ts=time.time())
+            await self._producer.send_and_wait(
+                topic_name(self._kafka, "fl.updates"), value=value, key=self.site.encode()
+            )
         self.last_update_round = round_id
         self.counters.updates_sent += 1
         self._log.info(
             "update_sent",
             round=round_id,
-            n_samples=n_samples,
+            n_samples=trained.n_samples,
             train_loss=round(self.pipeline.detector.last_loss, 6),
+            privacy=trained.privacy,
         )
+
+    async def _submit_secure(self, trained: TrainedUpdate) -> None:
+        assert self.secagg is not None
+        vector, _ = flatten_update(trained.delta)
+        metadata = {"n_samples": trained.n_samples, "privacy": trained.privacy}
+        weight = self.privacy.secure_weight(trained.n_samples)
+        await self.secagg.submit(vector, weight=weight, metadata=metadata)
+
+    async def _record_training_stop(self) -> None:
+        if self._stop_recorded or self.privacy.ledger is None:
+            return
+        self._stop_recorded = True
+        self._log.warning("training_stopped", reason=self.privacy.training_stopped)
+        body = self.privacy.ledger.ledger_body()
+        body.update(status="training_stopped", reason=self.privacy.training_stopped)
+        await self._publish_ledger(body)
+
+    async def _publish_ledger(self, body: dict[str, Any]) -> None:
+        assert self._producer is not None
+        value = codec.encode("ledger", body, src=self.site, ts=time.time())
+        await self._producer.send_and_wait(
+            topic_name(self._kafka, "privacy.ledger"), value=value, key=self.site.encode()
+        )
+        if isinstance(body.get("epsilon"), float | int):
+            self.metrics.record_epsilon(float(body["epsilon"]))
 
 
 def _finite_or_max(value: float) -> float:

@@ -1,4 +1,4 @@
-"""The aggregator service: validate updates, fold FedAvg, close rounds, publish the model.
+"""The aggregator service: validate updates, fold them, close rounds, publish the model.
 
 Round r starts from global version r and its closing publishes version r + 1. An update is
 validated before any arithmetic (kind, known client, round, n_samples > 0, parameter names and
@@ -6,6 +6,10 @@ shapes, finite values); a rejected one goes to the dead-letter topic with its re
 closes when ``quorum`` distinct clients have been folded, or at the deadline once at least one
 has. Offsets are committed only after the round they belong to is published, so a crash
 re-reads the round's updates instead of losing them.
+
+What a fold does (strategy, buffered asynchronous rounds, client-level DP and the privacy
+ledger) lives in ``rounds.RoundEngine``; secure aggregation rounds over ``fl.control`` in
+``secagg_kafka.SecAggCoordinator``.
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from fanomad_stream.config import AppConfig
 from fanomad_stream.detect.autoencoder import build_model, get_weights
 from fanomad_stream.errors import DecodeError, RoundError, UpdateRejectedError
-from fanomad_stream.federate.aggregate import WeightedSum, Weights, apply_delta
+from fanomad_stream.federate.aggregate import Weights
 from fanomad_stream.federate.global_model import GlobalModel, GlobalModelReader, publish_global
+from fanomad_stream.federate.rounds import RoundClosed, RoundEngine
+from fanomad_stream.federate.secagg_kafka import SecAggCoordinator, SecAggOutcome
+from fanomad_stream.privacy.dp import SecureGaussian
+from fanomad_stream.privacy.ledger_records import read_ledger_records
 from fanomad_stream.service.metrics import AggregatorMetrics
 from fanomad_stream.transport import codec
-from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer
+from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
 
 log = structlog.get_logger(__name__)
 
@@ -79,10 +87,20 @@ def validate_update(
 
 
 class Aggregator:
-    """Synchronous-round FedAvg over the ``fl.updates`` topic."""
+    """Rounds over the ``fl.updates`` topic, or over ``fl.control`` with secure aggregation.
 
-    def __init__(self, config: AppConfig) -> None:
+    Parameters
+    ----------
+    config
+        The validated application config.
+    noise
+        Generator of the server's DP noise; None draws a fresh key from the OS. Tests pass a
+        seeded one.
+    """
+
+    def __init__(self, config: AppConfig, *, noise: SecureGaussian | None = None) -> None:
         self.config = config
+        self._noise = noise
         self.settings = config.aggregator
         self._kafka = config.kafka
         self._model_name = self.settings.model_name
@@ -92,9 +110,10 @@ class Aggregator:
         self._dead: DeadLetters | None = None
         self._stopping = asyncio.Event()
         self.model: GlobalModel | None = None
-        self._sum: WeightedSum | None = None
-        self._folded: list[str] = []
+        self.engine: RoundEngine | None = None
+        self._secagg: SecAggCoordinator | None = None
         self._round_opened_at: float | None = None
+        self._stop_recorded = False
         self.rounds_completed = 0
         self.rejected: dict[str, int] = {}
         self.metrics = AggregatorMetrics()
@@ -106,7 +125,15 @@ class Aggregator:
         await self._producer.start()
         self._dead = DeadLetters(self._producer, self._kafka, src=f"aggregator:{self._model_name}")
         self.model = await self._load_or_create_global()
-        self._open_round()
+        self.engine = RoundEngine(
+            self.config, self.model.weights, self.model.version, noise=self._noise
+        )
+        if self.engine.ledger is not None:
+            self.engine.restore_ledger(await read_ledger_records(self._kafka, self._model_name))
+        if self.config.privacy.secure_aggregation.enabled:
+            self._secagg = SecAggCoordinator(self.config, self._producer)
+            await self._secagg.start()
+        await self._open_round()
         self._consumer = make_consumer(
             self._kafka, "fl.updates", group_id=f"aggregator-{self._model_name}"
         )
@@ -118,6 +145,9 @@ class Aggregator:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        if self._secagg is not None:
+            await self._secagg.stop()
+            self._secagg = None
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
@@ -152,21 +182,43 @@ class Aggregator:
         for records in batches.values():
             for record in records:
                 await self._handle(record)
+        if self._secagg is not None:
+            outcome = await self._secagg.poll()
+            if outcome is not None:
+                await self._finish_secure_round(outcome)
         if self._round_due():
             await self._close_round()
         elif batches and not self._folded:
             await self._consumer.commit()  # nothing open depends on these offsets
 
+    @property
+    def _folded(self) -> int:
+        return 0 if self.engine is None else self.engine.folded
+
     async def _handle(self, record: ConsumerRecord) -> None:
-        assert self._dead is not None and self._sum is not None and self.model is not None
+        assert self._dead is not None and self.engine is not None and self.model is not None
+        closed: RoundClosed | None = None
         try:
             envelope = codec.decode(record.value, expected_kinds=frozenset({"update"}))
+            body = envelope.body
+            if self._secagg is not None:
+                raise UpdateRejectedError(
+                    "secure_aggregation",
+                    "plain update rejected because secure aggregation is on; clients must send "
+                    "their updates through fl.control",
+                )
+            buffered = self.engine.buffered is not None
+            # Buffered rounds accept any version within the staleness bound, and the buffer
+            # itself refuses a second update of one client on one version.
             validate_update(
-                envelope.body,
-                current_round=self.model.version,
+                body,
+                current_round=body["round"] if buffered else self.model.version,
                 template=self.model.weights,
                 allowed=self._allowed,
-                seen=set(self._folded),
+                seen=set() if buffered else set(self.engine.clients),
+            )
+            closed = self.engine.fold(
+                body["client_id"], body["base_version"], body["delta"], body["n_samples"]
             )
         except (DecodeError, UpdateRejectedError) as err:
             reason = getattr(err, "reason", "decode")
@@ -181,9 +233,6 @@ class Aggregator:
                 ts=time.time(),
             )
             return
-        body = envelope.body
-        self._sum.add(body["delta"], float(body["n_samples"]))
-        self._folded.append(body["client_id"])
         self.metrics.record_privacy(body["client_id"], body.get("privacy"))
         if self._round_opened_at is None:
             self._round_opened_at = time.monotonic()
@@ -192,52 +241,107 @@ class Aggregator:
             client_id=body["client_id"],
             round=body["round"],
             n_samples=body["n_samples"],
+            privacy=body.get("privacy"),
         )
+        if closed is not None:
+            await self._release(closed)
 
     def _round_due(self) -> bool:
-        if not self._folded:
+        assert self.engine is not None
+        if not self._folded or self.engine.buffered is not None or self._secagg is not None:
             return False
-        if len(self._folded) >= self.settings.quorum:
+        if self._folded >= self.settings.quorum:
             return True
         assert self._round_opened_at is not None
-        return time.monotonic() - self._round_opened_at >= self.settings.round_deadline_s
+        late = time.monotonic() - self._round_opened_at >= self.settings.round_deadline_s
+        return late and self._folded >= self.engine.min_to_close
 
     async def _close_round(self) -> None:
-        assert self._sum is not None and self.model is not None and self._consumer is not None
-        round_id = self.model.version
+        assert self.engine is not None and self._consumer is not None
+        round_id = self.engine.version
         try:
-            mean = self._sum.mean()
+            closed = self.engine.close()
         except RoundError as err:
             self._log.error("round_rejected", round=round_id, error=str(err))
-            self._open_round()
+            await self._open_round()
             await self._consumer.commit()
             return
+        await self._release(closed)
+
+    async def _finish_secure_round(self, outcome: SecAggOutcome) -> None:
+        """Fold the unmasked sum of a finished attempt and close the round, or retry."""
+        assert self.engine is not None
+        if outcome.total is None:
+            # Nothing was revealed; the same version gets a new attempt.
+            self.rejected["secagg_aborted"] = self.rejected.get("secagg_aborted", 0) + 1
+            await self._open_round()
+            return
+        self.engine.fold_secure_sum(
+            outcome.total,
+            clients=outcome.clients,
+            total_weight=outcome.total_weight,
+            clipped_values=outcome.clipped_values,
+        )
+        self._log.info(
+            "secure_sum_folded",
+            round=outcome.round,
+            version=outcome.version,
+            clients=outcome.clients,
+            dropped_after_sharing=outcome.dropped_after_sharing,
+            clipped_values=outcome.clipped_values,
+        )
+        await self._close_round()
+
+    async def _release(self, closed: RoundClosed) -> None:
+        """Publish a released round, its ledger record, and commit the offsets it used."""
+        assert self.engine is not None and self._consumer is not None
         started = self._round_opened_at or time.monotonic()
         self.model = GlobalModel(
-            version=round_id + 1,
-            round=round_id,
-            weights=apply_delta(self.model.weights, mean),
-            clients=sorted(self._folded),
+            version=closed.version,
+            round=closed.round,
+            weights=closed.weights,
+            clients=closed.clients,
         )
         await self._publish(self.model)
+        if closed.ledger is not None:
+            await self._publish_ledger(closed.ledger)
         await self._consumer.commit()
         self.rounds_completed += 1
-        self.metrics.record_round(seconds=time.monotonic() - started, clients=len(self._folded))
+        self.metrics.record_round(seconds=time.monotonic() - started, clients=len(closed.clients))
         self._log.info(
             "round_completed",
-            round=round_id,
-            version=self.model.version,
-            clients=len(self._folded),
-            weight=self._sum.total_weight,
+            round=closed.round,
+            version=closed.version,
+            clients=len(closed.clients),
+            epsilon=None if closed.ledger is None else closed.ledger["epsilon"],
             duration_s=round(time.monotonic() - started, 3),
         )
-        self._open_round()
+        await self._open_round()
 
-    def _open_round(self) -> None:
-        assert self.model is not None
-        self._sum = WeightedSum(self.model.weights)
-        self._folded = []
+    async def _open_round(self) -> None:
+        assert self.model is not None and self.engine is not None
         self._round_opened_at = None
+        if self.engine.training_stopped is not None:
+            await self._record_training_stop()
+            return
+        if self._secagg is not None:
+            await self._secagg.open_round(self.engine.version, self.engine.weights)
+
+    async def _record_training_stop(self) -> None:
+        """Publish once why training stopped; the aggregator then only refuses updates."""
+        assert self.engine is not None
+        if self._stop_recorded:
+            return
+        self._stop_recorded = True
+        self._log.warning("training_stopped", reason=self.engine.training_stopped)
+        await self._publish_ledger(self.engine.ledger_record("training_stopped"))
+
+    async def _publish_ledger(self, body: dict[str, Any]) -> None:
+        assert self._producer is not None
+        value = codec.encode("ledger", body, src=f"aggregator:{self._model_name}", ts=time.time())
+        await self._producer.send_and_wait(
+            topic_name(self._kafka, "privacy.ledger"), value=value, key=self._model_name.encode()
+        )
 
     async def _publish(self, model: GlobalModel) -> None:
         assert self._producer is not None

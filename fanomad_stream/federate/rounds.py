@@ -1,0 +1,258 @@
+"""The aggregator's fold logic without Kafka: strategy, buffered rounds, client-level DP, ledger.
+
+``RoundEngine`` stores the global model and folds validated updates into it:
+
+- synchronous rounds: each update goes into the configured strategy; ``close`` finishes the
+  round and returns the next version;
+- buffered asynchronous rounds: each update goes to a ``BufferedAsyncAggregator``, which
+  applies the buffer every ``buffer_size`` accepted updates;
+- secure aggregation: ``fold_secure_sum`` takes the unmasked sum of a round instead of the
+  single updates;
+- client-level DP: the strategy is wrapped in ``ClientLevelDP`` and every released round is
+  recorded in a ``PrivacyLedger``. When the next round would exceed the ε budget,
+  ``training_stopped`` holds the reason and no further round may be opened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+
+from fanomad_stream.config import AppConfig
+from fanomad_stream.errors import RoundError, UpdateRejectedError
+from fanomad_stream.federate.aggregate import Weights
+from fanomad_stream.federate.buffered import BufferedAsyncAggregator
+from fanomad_stream.federate.strategies import Strategy
+from fanomad_stream.privacy import settings as privacy_settings
+from fanomad_stream.privacy.accountant import PrivacyLedger
+from fanomad_stream.privacy.dp import SecureGaussian
+from fanomad_stream.privacy.ledger_records import restore_ledger
+from fanomad_stream.privacy.strategy import ClientLevelDP
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundClosed:
+    """A released round: the round id it closed, the new version and its weights."""
+
+    round: int
+    version: int
+    weights: Weights
+    clients: list[str]
+    ledger: dict[str, Any] | None
+
+
+def build_strategy(config: AppConfig, *, noise: SecureGaussian | None) -> Strategy:
+    """Return the configured strategy, wrapped in client-level DP when that is on."""
+    strategy = config.aggregator.strategy.build()
+    dp = config.privacy.client_dp
+    if not dp.enabled:
+        return strategy
+    server_noise = not config.privacy.secure_aggregation.enabled
+    return ClientLevelDP(
+        strategy,
+        clipping_norm=dp.clipping_norm,
+        noise_multiplier=dp.noise_multiplier,
+        denominator=privacy_settings.expected_cohort(config),
+        min_cohort=privacy_settings.min_cohort(config),
+        noise=(noise or SecureGaussian()) if server_noise else None,
+    )
+
+
+class RoundEngine:
+    """Folds updates into the global model as configured; see the module docstring.
+
+    Parameters
+    ----------
+    config
+        The validated application config.
+    weights, version
+        The global model to start from.
+    noise
+        Generator of the server's DP noise; None draws a fresh key from the OS. Tests pass a
+        seeded one.
+    """
+
+    def __init__(
+        self,
+        config: AppConfig,
+        weights: Mapping[str, np.ndarray],
+        version: int,
+        *,
+        noise: SecureGaussian | None = None,
+    ) -> None:
+        self.config = config
+        self.strategy = build_strategy(config, noise=noise)
+        self.version = version
+        self.clients: list[str] = []
+        self.training_stopped: str | None = None
+        self._encoding_clipped = 0
+        buffered = config.aggregator.buffered_async
+        self.buffered: BufferedAsyncAggregator | None = None
+        if buffered is not None:
+            self.buffered = buffered.build(self.strategy, weights, version=version)
+        else:
+            self.strategy.begin_round(weights)
+        dp = config.privacy.client_dp
+        self.ledger: PrivacyLedger | None = None
+        if dp.enabled:
+            self.ledger = PrivacyLedger(
+                delta=dp.delta,
+                epsilon_budget=dp.epsilon_budget,
+                subject=f"model:{config.aggregator.model_name}",
+                level="client",
+            )
+            self._check_budget()
+
+    @property
+    def weights(self) -> Weights:
+        """The current global model."""
+        return self.strategy.global_weights
+
+    @property
+    def folded(self) -> int:
+        """Updates folded into the open round or buffer."""
+        return self.buffered.buffered if self.buffered is not None else len(self.clients)
+
+    @property
+    def min_to_close(self) -> int:
+        """Fewest folded updates a synchronous round may close with at its deadline."""
+        if self.config.privacy.client_dp.enabled:
+            return privacy_settings.min_cohort(self.config)
+        return 1
+
+    def fold(
+        self, client_id: str, base_version: int, delta: Mapping[str, np.ndarray], n_samples: int
+    ) -> RoundClosed | None:
+        """Fold one validated update; return the released round when a buffer was applied.
+
+        Raises UpdateRejectedError (reason ``training_stopped``, ``too_stale``,
+        ``future_version``, ``duplicate`` or a shape reason) when the update is not folded.
+        """
+        if self.training_stopped is not None:
+            raise UpdateRejectedError("training_stopped", self.training_stopped)
+        if self.buffered is None:
+            self.strategy.fold(delta, float(n_samples))
+            self.clients.append(client_id)
+            return None
+        result = self.buffered.submit(client_id, base_version, delta, float(n_samples))
+        if result.status in ("rejected", "duplicate"):
+            reason = result.reason or result.status
+            msg = (
+                f"update of {client_id!r} on version {base_version} was not folded at version "
+                f"{self.version}: {reason}"
+            )
+            raise UpdateRejectedError(reason, msg)
+        if result.status == "buffer_discarded":
+            log.warning("buffer_discarded", version=self.version, reason=result.reason)
+        if result.status != "applied":
+            return None
+        return self._released(list(result.clients))
+
+    def fold_secure_sum(
+        self,
+        total: Mapping[str, np.ndarray],
+        *,
+        clients: list[str],
+        total_weight: float,
+        clipped_values: int = 0,
+    ) -> None:
+        """Fold the unmasked sum of a secure aggregation round into the open round.
+
+        ``total`` is the sum of the clients' weighted (or, with DP, clipped and noised) deltas
+        and ``total_weight`` the sum of their weights. ``clipped_values`` counts the values the
+        clients' fixed-point encoding clipped; the ledger record reports it, because a
+        non-zero count voids the DP guarantee of the round.
+        """
+        self._encoding_clipped = clipped_values
+        if self.buffered is not None:
+            raise RoundError("secure aggregation runs synchronous rounds only")
+        if isinstance(self.strategy, ClientLevelDP):
+            self.strategy.fold_noised_sum(total, clients=len(clients))
+        else:
+            mean = {
+                name: np.asarray(array, dtype=np.float64) / total_weight
+                for name, array in total.items()
+            }
+            self.strategy.fold(mean, total_weight)
+        self.clients.extend(clients)
+
+    def close(self) -> RoundClosed:
+        """Finish the synchronous round; raises RoundError when it cannot be released."""
+        if self.buffered is not None:
+            raise RoundError("buffered rounds close by themselves when their buffer is full")
+        round_id = self.version
+        clients = sorted(self.clients)
+        start = self.strategy.global_weights
+        self.clients = []
+        try:
+            weights = self.strategy.finish_round()
+        except RoundError:
+            self.strategy.begin_round(start)
+            raise
+        self.strategy.begin_round(weights)
+        self.version += 1
+        return self._finish(round_id, clients, weights)
+
+    def _released(self, clients: list[str]) -> RoundClosed:
+        assert self.buffered is not None
+        self.version = self.buffered.version
+        return self._finish(self.version - 1, sorted(clients), self.buffered.global_weights)
+
+    def _finish(self, round_id: int, clients: list[str], weights: Weights) -> RoundClosed:
+        ledger = None
+        if self.ledger is not None:
+            dp = self.config.privacy.client_dp
+            self.ledger.record_round(
+                round_id=round_id,
+                noise_multiplier=dp.noise_multiplier,
+                sampling_rate=privacy_settings.client_sampling_rate(self.config),
+            )
+            ledger = self.ledger_record("round")
+            self._check_budget()
+        self._encoding_clipped = 0
+        return RoundClosed(round_id, self.version, weights, clients, ledger)
+
+    def restore_ledger(self, bodies: list[dict[str, Any]]) -> None:
+        """Rebuild the ledger from the model's ``privacy.ledger`` records, then check the budget."""
+        if self.ledger is None:
+            return
+        restored = restore_ledger(self.ledger, bodies)
+        self._check_budget()
+        log.info(
+            "privacy_ledger_restored",
+            rounds=restored,
+            epsilon=self.ledger.spent_epsilon(),
+            training_stopped=self.training_stopped,
+        )
+
+    def _check_budget(self) -> None:
+        assert self.ledger is not None
+        dp = self.config.privacy.client_dp
+        check = self.ledger.check_next_round(
+            noise_multiplier=dp.noise_multiplier,
+            sampling_rate=privacy_settings.client_sampling_rate(self.config),
+        )
+        if not check.allowed:
+            self.training_stopped = check.reason
+
+    def ledger_record(self, status: str) -> dict[str, Any]:
+        """Return a ``privacy.ledger`` body for the model: the spend so far and ``status``."""
+        assert self.ledger is not None
+        body = self.ledger.ledger_body()
+        body["status"] = status
+        body["version"] = self.version
+        if status == "training_stopped":
+            body["reason"] = self.training_stopped
+        release = getattr(self.strategy, "last_release", None)
+        if release is not None:
+            body["params"]["cohort"] = release.clients
+            body["params"]["clipped_clients"] = release.clipped
+            body["params"]["noise_added_by"] = release.noised_by
+            body["params"]["encoding_clipped_values"] = self._encoding_clipped
+        return body
