@@ -66,6 +66,8 @@ def _reset_structlog() -> Iterator[None]:
     structlog.contextvars.clear_contextvars()
     yield
     structlog.contextvars.clear_contextvars()
+    # A test that ran the CLI configured structlog to write to that test's captured stderr.
+    structlog.reset_defaults()
 
 
 SMD_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "smd"
