@@ -119,7 +119,7 @@ class AutoencoderDetector(Detector):
             for begin in range(0, data.shape[0], self.batch_size):
                 batch = data[order[begin : begin + self.batch_size]]
                 loss = (self.model(batch) - batch).pow(2).mean()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if self.proximal_mu > 0:
                     drift = sum((p - start[n]).pow(2).sum() for n, p in self.model.named_parameters())
                     loss = loss + 0.5 * self.proximal_mu * drift
