@@ -28,12 +28,23 @@ def _series(rows: int = 800, seed: int = 0) -> MachineSeries:
     return MachineSeries("machine-1-2", values[:rows], values[rows:])
 
 
-def test_pipeline_matches_harness_local_row() -> None:
+@pytest.mark.parametrize("normalize", [True, False])
+def test_pipeline_matches_harness_local_row(normalize: bool) -> None:
     series = _series()
-    config = replace(SHIPPED, federated=False, rounds=2, local_epochs=1, spot_warmup=500)
+    config = replace(
+        SHIPPED,
+        federated=False,
+        rounds=2,
+        local_epochs=1,
+        spot_warmup=500,
+        normalize_errors=normalize,
+    )
     expected = make_system_scorer(config)({"machine-1-2": series}, 3)["machine-1-2"]
 
-    pipeline = ContextPipeline(6, PipelineConfig(local_epochs=1, spot_warmup=500), seed=3)
+    settings = PipelineConfig(
+        local_epochs=1, spot_warmup=500, warmup_rows=500, normalize_errors=normalize
+    )
+    pipeline = ContextPipeline(6, settings, seed=3)
     train_x = pipeline.features.fit_transform(series.train)
     for _ in range(2):
         pipeline.train(train_x)
@@ -73,3 +84,25 @@ def test_pipeline_threshold_waits_for_warmup() -> None:
     batch = pipeline.process(_series().train[:100])
     assert np.all(np.isinf(batch.thresholds))
     assert not batch.alerts.any()
+
+
+def test_pipeline_scalers_freeze_after_warmup() -> None:
+    rows = _series().train
+    pipeline = ContextPipeline(6, PipelineConfig(warmup_rows=300))
+    for begin in range(0, 600, 100):
+        pipeline.process(rows[begin : begin + 100])
+    assert pipeline.features.levels.count == 300
+    streaming = ContextPipeline(6, PipelineConfig(warmup_rows=300, learn_during_stream=True))
+    for begin in range(0, 600, 100):
+        streaming.process(rows[begin : begin + 100])
+    assert streaming.features.levels.count == 600
+
+
+def test_error_scales_equalize_features() -> None:
+    series = _series()
+    pipeline = ContextPipeline(6, seed=0)
+    train_x = pipeline.features.fit_transform(series.train)
+    pipeline.train(train_x)
+    pipeline.calibrate(train_x)
+    normalized = pipeline.feature_errors(train_x) / pipeline.error_scale
+    assert np.allclose(normalized.mean(axis=0), 1.0, atol=1e-6)
