@@ -1,8 +1,9 @@
 """Per-source scoring pipeline of the edge client: context features, autoencoder, EMA, SPOT.
 
-``ContextPipeline.process`` runs one batch of raw rows in the streaming order: features from
-the scaler state before the batch, reconstruction error, causal smoothing, a threshold
-fitted on past scores only, and only then the scalers and the threshold learn the batch.
+``ContextPipeline.process`` runs one batch of raw rows in the streaming order. It computes
+features from the scaler state before the batch, the reconstruction error, the smoothed
+score and a threshold fitted on past scores only. Only then do the scalers and the
+threshold learn the batch.
 ``train`` runs local epochs on a window of feature rows and returns the weight delta that a
 FedAvg round averages. The scalers learn the first ``warmup_rows`` rows and then freeze
 (unless ``learn_during_stream``), so a later anomaly does not shift the statistics it is
