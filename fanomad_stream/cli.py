@@ -127,6 +127,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", type=Path, help="report folder (default: <from>/report)")
 
+    harness = add_command(
+        "harness", help="offline SMD harness: baselines and system rows (see docs/experiments.md)"
+    )
+    harness.add_argument(
+        "harness_args",
+        nargs=argparse.REMAINDER,
+        help="arguments for the harness; --help lists them",
+    )
+
     add_command("demo", help="run the whole system once on a broker of its own")
     add_command("bench", help="measure consume and scoring throughput")
     return parser
@@ -218,6 +227,10 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         page = render_report(args.evaluation_dir or config.output_dir, args.out)
         print(f"report: {page}")
         return 0
+    if command == "harness":
+        from fanomad_stream.evaluate.harness import main as harness_main
+
+        return int(harness_main(args.harness_args) or 0)
     if command == "demo":
         from fanomad_stream.demo import run_demo
 
