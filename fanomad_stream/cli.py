@@ -127,13 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", type=Path, help="report folder (default: <from>/report)")
 
-    harness = add_command(
-        "harness", help="offline SMD harness: baselines and system rows (see docs/experiments.md)"
-    )
-    harness.add_argument(
-        "harness_args",
-        nargs=argparse.REMAINDER,
-        help="arguments for the harness; --help lists them",
+    add_command(
+        "harness",
+        help="offline SMD harness: baselines and system rows; arguments after it go to the harness",
     )
 
     add_command("demo", help="run the whole system once on a broker of its own")
@@ -178,7 +174,14 @@ def _with_overrides(config: AppConfig, args: argparse.Namespace) -> AppConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `harness` belongs to the harness's own parser.
+    harness_args: list[str] = []
+    if "harness" in argv:
+        at = argv.index("harness")
+        argv, harness_args = argv[: at + 1], argv[at + 1 :]
     args = _parser().parse_args(argv)
+    args.harness_args = harness_args
     from fanomad_stream.service.logs import configure_logging
 
     configure_logging(json=args.log_json, level=args.log_level)
