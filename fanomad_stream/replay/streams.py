@@ -164,11 +164,13 @@ async def replay_spans(
     labels: np.ndarray | None,
     *,
     speed: float = 0.0,
+    first_index: int = 0,
     progress: bool = True,
 ) -> StreamReplayReport:
     """Produce spans in start order to ``traces.raw`` and their labels to ``labels``.
 
     ``speed`` 1 keeps the recorded pace, N replays N times faster and 0 sends at once.
+    Span ``i`` gets index ``first_index + i``, so a replay in parts keeps indices unique.
     """
     from fanomad_stream.replay.traces import replay_offsets
 
@@ -176,14 +178,14 @@ async def replay_spans(
     report = StreamReplayReport()
     topic, labels_topic = topic_name(kafka, "traces.raw"), topic_name(kafka, "labels")
     async with _Sender(kafka, len(spans), "replay nezha spans", progress) as sender:
-        for index, span in enumerate(spans):
-            await sender.pace(offsets[index])
+        for index, span in enumerate(spans, start=first_index):
+            await sender.pace(offsets[index - first_index])
             key, ts = span.trace_id.encode(), span.start_us / 1e6
             body = {**span.to_body(), "index": index}
             await sender.send(topic, codec.encode("span", body, src="nezha", ts=ts), key)
             report.records[span.service] = report.records.get(span.service, 0) + 1
             if labels is not None:
-                label = {"index": index, "label": int(labels[index])}
+                label = {"index": index, "label": int(labels[index - first_index])}
                 await sender.send(
                     labels_topic,
                     codec.encode("label", label, src="nezha", ts=ts),

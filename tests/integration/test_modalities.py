@@ -168,3 +168,47 @@ async def test_lstm_round_publishes_version_one(topics: KafkaSettings, tmp_path:
     assert latest.version >= 1
     assert "encoder.weight_ih_l0" in latest.weights
     assert latest.weights["encoder.weight_ih_l0"].shape[1] == config.logs.n_buckets + 2
+
+
+@pytest.mark.timeout(120)
+async def test_traces_restart_keeps_open_traces(topics: KafkaSettings, tmp_path: Path) -> None:
+    """Traces open at a stop are restored by the next client and each is scored once."""
+    spans, labels = load_nezha_spans(pattern=NEZHA_WINDOW, limit=1500)
+    trace_ids = {span.trace_id for span in spans}
+    config = modality_config(
+        make_config(
+            topics,
+            edge={"max_batch_records": 300, "poll_timeout_ms": 200},
+            logs={"state_dir": str(tmp_path)},
+            traces={"timeout_s": 600.0},
+        ),
+        "traces",
+    )
+
+    await replay_spans(topics, spans[:700], labels[:700], progress=False)
+    first = ModalityEdgeClient(config, site="nezha-site", modality="traces")
+    async with _running(first):
+        await wait_until(lambda: first.counters.consumed >= 700, timeout_s=60)
+    assert isinstance(first.pipeline, TracesPipeline)
+    open_at_stop = first.pipeline.open_traces
+    assert open_at_stop > 0
+
+    await replay_spans(topics, spans[700:], labels[700:], first_index=700, progress=False)
+    second = ModalityEdgeClient(config, site="nezha-site", modality="traces")
+    await second.start()
+    assert isinstance(second.pipeline, TracesPipeline)
+    assert second.pipeline.open_traces == open_at_stop
+    second.request_stop()
+    await second.stop()
+    second = ModalityEdgeClient(config, site="nezha-site", modality="traces")
+    async with _running(second):
+        await wait_until(lambda: second.counters.consumed >= 800, timeout_s=60)
+        await second.flush()
+    assert isinstance(second.pipeline, TracesPipeline)
+    counters = second.pipeline.counters()
+
+    scores = await read_topic(topics, "scores", frozenset({"score"}))
+    assert sorted(s.key for s in scores) == sorted(trace_ids)
+    assert counters.late_spans == 0
+    assert counters.duplicate_spans == 0
+    assert sum(s.envelope.body["detail"]["spans"] for s in scores) == 1500
