@@ -156,6 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="report folder (default: <from>/report)")
 
     add_command("demo", help="run the whole system once on a broker of its own")
+    add_command(
+        "demo-multimodal",
+        help="replay Nezha as metrics, logs and traces at once on a broker of its own",
+    )
     add_command("bench", help="measure consume and scoring throughput")
     return parser
 
@@ -252,6 +256,10 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         from fanomad_stream.demo import run_demo
 
         return run_demo(config, args.config)
+    if command == "demo-multimodal":
+        from fanomad_stream.demo_multimodal import run_multimodal_demo
+
+        return run_multimodal_demo(config)
     if command == "bench":
         from fanomad_stream.bench import run_bench
 

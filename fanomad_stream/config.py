@@ -161,6 +161,16 @@ class TracesSettings(_Section):
     n_service_buckets: int = Field(default=16, ge=1, le=65_536)
 
 
+class NezhaSettings(_Section):
+    """The multimodal demo's Nezha replay: which data, and how much of it."""
+
+    data_dir: Path | None = None  # default: the copy beside the checkout
+    metric_margin_s: float = Field(default=600.0, ge=0)
+    log_limit: int | None = Field(default=None, ge=1)
+    span_limit: int | None = Field(default=None, ge=1)
+    timeout_s: float = Field(default=600.0, gt=0)
+
+
 class EvaluationSettings(_Section):
     precision_at_k: list[int] = Field(default_factory=lambda: [100, 500])
     seed: int = 0
@@ -176,6 +186,7 @@ class AppConfig(_Section):
     aggregator: AggregatorSettings = AggregatorSettings()
     logs: LogsSettings = LogsSettings()
     traces: TracesSettings = TracesSettings()
+    nezha: NezhaSettings = NezhaSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     output_dir: Path = Path("runs/demo")
     min_global_versions: int = Field(default=3, ge=1)

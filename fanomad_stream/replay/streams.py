@@ -30,7 +30,15 @@ from fanomad_stream.replay.logs import (
     read_hdfs,
     read_thunderbird,
 )
-from fanomad_stream.replay.traces import label_times, read_cases, read_logs, read_spans
+from fanomad_stream.replay.traces import (
+    PodMetrics,
+    label_times,
+    read_cases,
+    read_logs,
+    read_pod_metrics,
+    read_spans,
+    read_window_labels,
+)
 from fanomad_stream.service.progress import progress_bar
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import make_producer, topic_name
@@ -47,6 +55,11 @@ LOG_FILES = {
 }
 NEZHA_TRACES = "*/*/trace/*_trace.csv.gz"
 NEZHA_LOGS = "*/*/log/*_log.csv.gz"
+# Producer ids of the Nezha replays. Label records carry them, so the labels of the three
+# modalities stay apart although metrics and logs share keys (service names).
+METRICS_SOURCE, LOGS_SOURCE, SPANS_SOURCE = "nezha-metrics", "nezha-logs", "nezha-traces"
+# Per-pod files only: the front-end service file has other columns.
+NEZHA_METRICS = "metric/*/ts-*_metric.csv.gz"
 
 
 @dataclass
@@ -110,7 +123,99 @@ def load_nezha_logs(
     records = [line.record for line in lines]
     cases = read_cases(folder / "labels")
     labels = (label_times([r.ts for r in records], cases) >= 0).astype(np.int8)
-    return LogDataset("nezha-logs", records, labels)
+    return LogDataset(LOGS_SOURCE, records, labels)
+
+
+@dataclass(frozen=True)
+class MetricRows:
+    """Metric rows of several pods merged in time order, keyed by service, with labels."""
+
+    services: list[str]
+    ts: np.ndarray
+    values: np.ndarray
+    indices: np.ndarray
+    labels: np.ndarray
+
+
+def load_nezha_metrics(
+    data_dir: Path | None = None, *, pattern: str = NEZHA_METRICS, margin_s: float = 600.0
+) -> MetricRows:
+    """Read per-pod metrics near the shipped windows, merged in time order, with labels.
+
+    Rows are kept within ``margin_s`` of a shipped fault or fault-free window, so the
+    metrics cover the same minutes as the spans and logs. ``indices`` counts rows per pod.
+    A row is labelled 1 inside any of the 45 fault cases (see ``label_times``).
+    """
+    folder = data_dir or NEZHA_DIR
+    files = sorted(folder.glob(pattern))
+    if not files:
+        msg = f"no metric files match {pattern!r} under {folder}; pass --data-dir"
+        raise ConfigError(msg)
+    windows = read_window_labels(folder / "labels")
+    pods = [read_pod_metrics(path) for path in files]
+    _check_same_columns(pods)
+    services, ts, rows, indices = [], [], [], []
+    for pod in pods:
+        near = np.zeros(pod.ts.shape, dtype=bool)
+        for window in windows:
+            near |= (pod.ts >= window.first_unix - margin_s) & (
+                pod.ts <= window.last_unix + margin_s
+            )
+        kept = np.flatnonzero(near)
+        services += [pod.service] * kept.size
+        ts.append(pod.ts[kept])
+        rows.append(pod.values[kept])
+        indices.append(np.arange(kept.size))
+    all_ts = np.concatenate(ts)
+    order = np.argsort(all_ts, kind="stable")
+    cases = read_cases(folder / "labels")
+    return MetricRows(
+        services=[services[i] for i in order],
+        ts=all_ts[order],
+        values=np.concatenate(rows)[order],
+        indices=np.concatenate(indices)[order],
+        labels=(label_times(all_ts[order], cases) >= 0).astype(np.int8),
+    )
+
+
+def _check_same_columns(pods: Sequence[PodMetrics]) -> None:
+    names = pods[0].names
+    for pod in pods[1:]:
+        if pod.names != names:
+            msg = f"pod {pod.pod} has metric columns {pod.names}, pod {pods[0].pod} has {names}"
+            raise ConfigError(msg)
+
+
+async def replay_metrics(
+    kafka: KafkaSettings, rows: MetricRows, *, progress: bool = True
+) -> StreamReplayReport:
+    """Produce metric rows to ``metrics.raw`` keyed by service, and their labels to ``labels``."""
+    report = StreamReplayReport()
+    topic, labels_topic = topic_name(kafka, "metrics.raw"), topic_name(kafka, "labels")
+    async with _Sender(kafka, len(rows.services), "replay nezha metrics", progress) as sender:
+        for i, service in enumerate(rows.services):
+            key, ts, index = service.encode(), float(rows.ts[i]), int(rows.indices[i])
+            body = {"index": index, "values": rows.values[i]}
+            await sender.send(topic, codec.encode("metric", body, src=METRICS_SOURCE, ts=ts), key)
+            label = {"index": index, "label": int(rows.labels[i])}
+            await sender.send(
+                labels_topic,
+                codec.encode("label", label, src=METRICS_SOURCE, ts=ts),
+                key,
+                counted=False,
+            )
+            report.records[service] = report.records.get(service, 0) + 1
+            report.labels += 1
+            report.anomalous += label["label"]
+    report.seconds = sender.seconds
+    log.info(
+        "replay_finished",
+        dataset="nezha-metrics",
+        rows=report.total_records,
+        anomalous=report.anomalous,
+        seconds=round(report.seconds, 2),
+    )
+    return report
 
 
 async def replay_logs(
@@ -182,13 +287,13 @@ async def replay_spans(
             await sender.pace(offsets[index - first_index])
             key, ts = span.trace_id.encode(), span.start_us / 1e6
             body = {**span.to_body(), "index": index}
-            await sender.send(topic, codec.encode("span", body, src="nezha", ts=ts), key)
+            await sender.send(topic, codec.encode("span", body, src=SPANS_SOURCE, ts=ts), key)
             report.records[span.service] = report.records.get(span.service, 0) + 1
             if labels is not None:
                 label = {"index": index, "label": int(labels[index - first_index])}
                 await sender.send(
                     labels_topic,
-                    codec.encode("label", label, src="nezha", ts=ts),
+                    codec.encode("label", label, src=SPANS_SOURCE, ts=ts),
                     key,
                     counted=False,
                 )
