@@ -19,6 +19,7 @@ import numpy as np
 from fanomad_stream.config import AppConfig
 from fanomad_stream.detect.autoencoder import AutoencoderDetector, Weights
 from fanomad_stream.detect.factory import ModelDetector, build_detector
+from fanomad_stream.detect.hst import HalfSpaceTreesDetector
 from fanomad_stream.detect.scaling import StreamingScaler
 from fanomad_stream.detect.sequence import SequenceAutoencoderDetector, StreamContext
 from fanomad_stream.detect.threshold import QuantileThreshold
@@ -240,6 +241,14 @@ class TracesPipeline(_Scoring):
             n_edge_buckets=traces.n_edge_buckets, n_service_buckets=traces.n_service_buckets
         )
         self.scaler = StreamingScaler(self.featurizer.n_features, self.edge.scale_floor)
+        # HalfSpaceTrees on the standardized trace vector: the online baseline, in ``detail``.
+        self.hst = HalfSpaceTreesDetector(
+            self.featurizer.n_features,
+            n_trees=self.edge.hst_trees,
+            height=self.edge.hst_height,
+            window_size=self.edge.hst_window,
+            seed=config.model.seed,
+        )
         self.training: deque[np.ndarray] = deque(maxlen=self.edge.window_events)
         self.traces_scored = 0
         # First span index and read position per open trace, for the score's index and ref.
@@ -301,15 +310,16 @@ class TracesPipeline(_Scoring):
 
     def _score(self, trace: Trace) -> Scored:
         features = self.featurizer.featurize(trace)
+        z = self.scaler.transform(features.vector[None, :])
+        self.scaler.learn(features.vector[None, :])
+        hst = float(self.hst.score_and_learn(z)[0])
         if self.sequence is not None:
             rows = features.span_rows[-self.sequence.window :]
             score = float(self.sequence.score_windows(rows[None])[0])
             self.training.append(rows)
         else:
             assert isinstance(self.detector, AutoencoderDetector)
-            z = self.scaler.transform(features.vector[None, :])
             score = float(self.detector.score_batch(z)[0])
-            self.scaler.learn(features.vector[None, :])
             self.training.append(z[0])
         root = trace.root.service if trace.root is not None else features.top_service
         threshold = float(self.threshold(root, np.array([score]))[0])
@@ -331,6 +341,7 @@ class TracesPipeline(_Scoring):
                 "closed_by": trace.closed_by,
                 "latency_us": features.end_us - features.start_us,
                 "root_service": root,
+                "hst": hst,
             },
         )
 

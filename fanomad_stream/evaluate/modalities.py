@@ -2,11 +2,12 @@
 
 Scores are joined with labels on (producer id of the labels, key, index), so the labels of
 metrics and logs stay apart although both are keyed by service. Per modality the table gives
-the event-level metrics (a metric row, a log line or a trace), a random-score baseline of the
-same events, the window-level metrics over the labelled Nezha windows, and the share of fault
-cases whose alerts named the injected service most often. The combined row takes the alerts
-of every modality together: a window alerts when any modality alerted in it, and its score
-is the highest per-modality rank of the window's maximum score.
+the event-level metrics (a metric row, a log line or a trace) and two baselines on the same
+events: random scores, and HalfSpaceTrees scores where the edge client sent them. It also
+gives the window-level metrics over the labelled Nezha windows and the share of fault cases
+whose alerts named the injected service most often. The combined row takes the alerts of
+every modality together: a window alerts when any modality alerted in it, and its score is
+the highest per-modality rank of the window's maximum score.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ModalitySeries:
     alerts: np.ndarray
     labels: np.ndarray  # -1 where a score has no label
     services: list[str]
+    hst: np.ndarray | None = None  # HalfSpaceTrees baseline scores, where the client sent them
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class ModalityRow:
     pr_auc: float
     f1_operating: float
     random_pr_auc: float
+    hst_pr_auc: float
     windows: int
     window_auroc: float
     window_f1_operating: float
@@ -85,7 +88,15 @@ def join_series(
             dtype=np.int8,
         ),
         services=[str(item.envelope.body.get("service") or item.key) for item in chosen],
+        hst=_hst_scores(chosen),
     )
+
+
+def _hst_scores(chosen: Sequence[Keyed]) -> np.ndarray | None:
+    details = [item.envelope.body.get("detail") or {} for item in chosen]
+    if not details or any("hst" not in detail for detail in details):
+        return None
+    return np.array([float(detail["hst"]) for detail in details], dtype=np.float64)
 
 
 def evaluate_series(
@@ -102,6 +113,11 @@ def evaluate_series(
     rng = np.random.default_rng(seed)
     random_scores = np.asarray(rng.random(size=labels.shape[0]))
     random = evaluate_scores(labels, random_scores) if known.any() else None
+    hst = (
+        evaluate_scores(labels, series.hst[known])
+        if series.hst is not None and known.any()
+        else None
+    )
     per_window = evaluate_windows(window_rows(series.ts, series.scores, series.alerts, windows))
     hits = service_hits(
         series.ts[series.alerts],
@@ -118,6 +134,7 @@ def evaluate_series(
         pr_auc=events.pr_auc if events else float("nan"),
         f1_operating=events.f1_operating if events else float("nan"),
         random_pr_auc=random.pr_auc if random else float("nan"),
+        hst_pr_auc=hst.pr_auc if hst else float("nan"),
         windows=per_window.n,
         window_auroc=per_window.auroc,
         window_f1_operating=per_window.f1_operating,
@@ -169,6 +186,7 @@ def combined_row(
         pr_auc=float("nan"),
         f1_operating=float("nan"),
         random_pr_auc=float("nan"),
+        hst_pr_auc=float("nan"),
         windows=window_metrics.n,
         window_auroc=window_metrics.auroc,
         window_f1_operating=window_metrics.f1_operating,
@@ -185,6 +203,7 @@ COLUMNS = (
     ("auroc", "AUROC"),
     ("pr_auc", "PR-AUC"),
     ("random_pr_auc", "PR-AUC random"),
+    ("hst_pr_auc", "PR-AUC HST"),
     ("f1_operating", "F1 (online)"),
     ("windows", "windows"),
     ("window_auroc", "window AUROC"),

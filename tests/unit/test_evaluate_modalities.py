@@ -45,6 +45,30 @@ def test_join_keeps_producers_apart() -> None:
     assert logs.labels.tolist() == [0, -1]
     assert metrics.labels.tolist() == [1]
     assert logs.services == ["svc-a", "svc-a"]
+    assert logs.hst is None
+
+
+def test_join_reads_hst_baseline() -> None:
+    labels = [_keyed("t1", "label", "nezha-traces", 1.0, index=3, label=1)]
+    scores = [
+        _keyed(
+            "t1",
+            "score",
+            "edge",
+            1.0,
+            index=3,
+            score=0.5,
+            alert=False,
+            modality="traces",
+            service="svc-b",
+            detail={"hst": 0.25},
+        )
+    ]
+    traces = join_series(scores, labels, "nezha-traces", "traces")
+    assert traces.labels.tolist() == [1]
+    assert traces.services == ["svc-b"]
+    assert traces.hst is not None
+    assert traces.hst.tolist() == [0.25]
 
 
 def _series(ts: list[float], scores: list[float], alerts: list[bool], services: list[str]):  # type: ignore[no-untyped-def]

@@ -148,6 +148,7 @@ def test_traces_clock_per_partition() -> None:
     assert early.detail["spans"] == 2
     assert early.index == 1
     assert early.service in {"svc-a", "svc-b"}
+    assert np.isfinite(early.detail["hst"])
 
 
 def test_traces_advance_closes_idle_traces() -> None:
