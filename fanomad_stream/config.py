@@ -131,8 +131,8 @@ class AggregatorSettings(_Section):
 class LogsSettings(_Section):
     """The logs modality: drain3 mining, windows and the model of the logs federation.
 
-    With ``model.kind`` mlp_autoencoder the model scores per-source window count vectors;
-    with a sequence kind it scores every line by its template-bucket row in the window of
+    With ``model.kind`` mlp_autoencoder the model scores per-source window count vectors.
+    With a sequence kind it scores every line by its template-bucket row, in the window of
     the source's last lines. ``model.n_features`` is derived from ``n_buckets``.
     """
 

@@ -1,10 +1,10 @@
 """The multimodal demo: the Nezha TrainTicket system as metrics, logs and traces at once.
 
-Steps: start a local broker of its own → apply the topic catalog → start, in this process,
-one aggregator and one edge client per modality (each modality is its own federation) →
-replay the three streams side by side → wait until every metric row and log line has a
-score and every span was consumed, then close the open traces → stop the services →
-evaluate with a row per modality and one for the combined alerts → stop the broker.
+Steps: start a local broker of its own, apply the topic catalog, and start in this process
+one aggregator and one edge client per modality (each modality is its own federation). Then
+replay the three streams side by side and wait until every metric row and log line has a
+score and every span was consumed. Close the open traces, stop the services, evaluate with a
+row per modality and one for the combined alerts, and stop the broker.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A log record is keyed by its source and carries ``index``, its line number in the replayed
 stream. A span is keyed by its trace id, so every span of a trace lands on one partition and
-one consumer sees the whole trace; it also carries ``index``, its position in start order.
+one consumer receives the whole trace. It also carries ``index``, its position in start order.
 Labels go to the ``labels`` topic under the same key and index, never into the record that
 a detector reads. The project ships no LogHub or Nezha files: the readers take a local copy,
 by default the one beside the checkout.
