@@ -27,6 +27,7 @@ from fanomad_stream.config import AppConfig
 from fanomad_stream.demo import with_bootstrap
 from fanomad_stream.edge.client import EdgeClient
 from fanomad_stream.edge.stream_client import ModalityEdgeClient
+from fanomad_stream.evaluate.baselines import log_pca_scores
 from fanomad_stream.evaluate.modalities import (
     ModalityRow,
     combined_row,
@@ -37,6 +38,7 @@ from fanomad_stream.evaluate.modalities import (
 from fanomad_stream.federate.aggregator import Aggregator
 from fanomad_stream.modalities import modality_config
 from fanomad_stream.replay import streams
+from fanomad_stream.replay.logs import LogDataset
 from fanomad_stream.replay.traces import read_cases, read_window_labels
 from fanomad_stream.transport.reader import read_topic
 from fanomad_stream.transport.topics import apply_catalog, load_catalog
@@ -108,7 +110,7 @@ async def _run(config: AppConfig) -> int:
         await traces_client.flush()
     seconds = time.monotonic() - began
 
-    rows = await _evaluate(config)
+    rows = await _evaluate(config, logs)
     out_dir = config.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "multimodal.json").write_text(
@@ -131,7 +133,7 @@ def _only_client(config: AppConfig, site: str) -> AppConfig:
     return config.model_copy(update={"aggregator": aggregator})
 
 
-async def _evaluate(config: AppConfig) -> list[ModalityRow]:
+async def _evaluate(config: AppConfig, logs: LogDataset) -> list[ModalityRow]:
     labels_dir = (config.nezha.data_dir or streams.NEZHA_DIR) / "labels"
     windows = read_window_labels(labels_dir)
     cases = [case for case in read_cases(labels_dir) if case.shipped]
@@ -143,8 +145,12 @@ async def _evaluate(config: AppConfig) -> list[ModalityRow]:
         "traces": streams.SPANS_SOURCE,
     }
     series = {name: join_series(scores, labels, src, name) for name, src in sources.items()}
+    pca = log_pca_scores(
+        logs.records, window_s=config.logs.window_s, n_buckets=config.logs.n_buckets
+    )
+    offline = {"logs": pca}
     rows = [
-        evaluate_series(name, s, windows, cases, config.evaluation.seed)
+        evaluate_series(name, s, windows, cases, config.evaluation.seed, offline.get(name))
         for name, s in series.items()
     ]
     return [*rows, combined_row(series, windows, cases)]

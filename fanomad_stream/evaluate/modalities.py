@@ -3,7 +3,8 @@
 Scores are joined with labels on (producer id of the labels, key, index), so the labels of
 metrics and logs stay apart although both are keyed by service. Per modality the table gives
 the event-level metrics (a metric row, a log line or a trace) and two baselines on the same
-events: random scores, and HalfSpaceTrees scores where the edge client sent them. It also
+events: random scores, HalfSpaceTrees scores where the edge client sent them, and for logs
+the offline count-vector PCA of ``baselines.log_pca_scores``. It also
 gives the window-level metrics over the labelled Nezha windows and the share of fault cases
 whose alerts named the injected service most often. The combined row takes the alerts of
 every modality together: a window alerts when any modality alerted in it, and its score is
@@ -35,6 +36,7 @@ class ModalitySeries:
     """The joined scores of one modality, in score order."""
 
     ts: np.ndarray
+    indices: np.ndarray  # the ``index`` of each score: line, row or first-span number
     scores: np.ndarray
     alerts: np.ndarray
     labels: np.ndarray  # -1 where a score has no label
@@ -56,6 +58,7 @@ class ModalityRow:
     f1_operating: float
     random_pr_auc: float
     hst_pr_auc: float
+    offline_pr_auc: float
     windows: int
     window_auroc: float
     window_f1_operating: float
@@ -81,6 +84,7 @@ def join_series(
     chosen = [item for item in scores if item.envelope.body.get("modality") == modality]
     return ModalitySeries(
         ts=np.array([item.envelope.ts for item in chosen], dtype=np.float64),
+        indices=np.array([int(item.envelope.body["index"]) for item in chosen], dtype=np.int64),
         scores=np.array([item.envelope.body["score"] for item in chosen], dtype=np.float64),
         alerts=np.array([bool(item.envelope.body["alert"]) for item in chosen], dtype=bool),
         labels=np.array(
@@ -105,14 +109,24 @@ def evaluate_series(
     windows: Sequence[WindowLabel],
     cases: Sequence[FaultCase],
     seed: int = 0,
+    offline_baseline: np.ndarray | None = None,
 ) -> ModalityRow:
-    """Return the table row of one modality's series."""
+    """Return the table row of one modality's series.
+
+    ``offline_baseline`` holds scores indexed by the stream index (for logs, the count-vector
+    PCA of ``baselines.log_pca_scores``); its PR-AUC goes to ``offline_pr_auc``.
+    """
     known = series.labels >= 0
     labels, scores, alerts = series.labels[known], series.scores[known], series.alerts[known]
     events = evaluate_scores(labels, scores, alerts) if known.any() else None
     rng = np.random.default_rng(seed)
     random_scores = np.asarray(rng.random(size=labels.shape[0]))
     random = evaluate_scores(labels, random_scores) if known.any() else None
+    offline = (
+        evaluate_scores(labels, offline_baseline[series.indices[known]])
+        if offline_baseline is not None and known.any()
+        else None
+    )
     hst = (
         evaluate_scores(labels, series.hst[known])
         if series.hst is not None and known.any()
@@ -135,6 +149,7 @@ def evaluate_series(
         f1_operating=events.f1_operating if events else float("nan"),
         random_pr_auc=random.pr_auc if random else float("nan"),
         hst_pr_auc=hst.pr_auc if hst else float("nan"),
+        offline_pr_auc=offline.pr_auc if offline else float("nan"),
         windows=per_window.n,
         window_auroc=per_window.auroc,
         window_f1_operating=per_window.f1_operating,
@@ -187,6 +202,7 @@ def combined_row(
         f1_operating=float("nan"),
         random_pr_auc=float("nan"),
         hst_pr_auc=float("nan"),
+        offline_pr_auc=float("nan"),
         windows=window_metrics.n,
         window_auroc=window_metrics.auroc,
         window_f1_operating=window_metrics.f1_operating,
@@ -204,6 +220,7 @@ COLUMNS = (
     ("pr_auc", "PR-AUC"),
     ("random_pr_auc", "PR-AUC random"),
     ("hst_pr_auc", "PR-AUC HST"),
+    ("offline_pr_auc", "PR-AUC offline PCA"),
     ("f1_operating", "F1 (online)"),
     ("windows", "windows"),
     ("window_auroc", "window AUROC"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from fanomad_stream.evaluate.modalities import (
     ModalitySeries,
@@ -74,7 +75,12 @@ def test_join_reads_hst_baseline() -> None:
 def _series(ts: list[float], scores: list[float], alerts: list[bool], services: list[str]):  # type: ignore[no-untyped-def]
     labels = [int(60.0 <= t <= 119.0) for t in ts]
     return ModalitySeries(
-        np.array(ts), np.array(scores), np.array(alerts), np.array(labels, dtype=np.int8), services
+        np.array(ts),
+        np.arange(len(ts)),
+        np.array(scores),
+        np.array(alerts),
+        np.array(labels, dtype=np.int8),
+        services,
     )
 
 
@@ -85,12 +91,16 @@ def test_series_row_counts_and_service() -> None:
         [False, False, True, True],
         ["svc-a", "svc-a", "svc-b", "svc-a"],
     )
-    row = evaluate_series("traces", series, WINDOWS, CASES)
+    # the offline baseline is indexed by stream index and ranks the events the other way
+    offline = np.array([0.9, 0.8, 0.1, 0.2])
+    row = evaluate_series("traces", series, WINDOWS, CASES, offline_baseline=offline)
     assert row.events == 4
     assert row.positives == 2
     assert row.alerts == 2
     assert row.auroc == 1.0
     assert row.f1_operating == 1.0
+    assert row.offline_pr_auc == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert math.isnan(row.hst_pr_auc)
     assert row.windows == 2
     assert row.window_f1_operating == 1.0
     # svc-b and svc-a got one alert each, so the injected service ties for first place
@@ -109,3 +119,19 @@ def test_combined_any_alert_per_window() -> None:
     assert row.service_top1 == 0.0
     assert math.isnan(row.auroc)
     assert "| combined |" in render_table([row])
+
+
+def test_log_pca_flags_rare_window() -> None:
+    """A window whose template mix is unlike every other gets the highest residual."""
+    from fanomad_stream.evaluate.baselines import log_pca_scores
+    from fanomad_stream.replay.logs import LogRecord
+
+    records = []
+    for minute in range(30):
+        for i in range(5):
+            records.append(LogRecord(60.0 * minute + i, "n1", f"job {i} started ok"))
+            records.append(LogRecord(60.0 * minute + i, "n1", f"job {i} finished in {i} ms"))
+    odd = [LogRecord(60.0 * 31 + i, "n1", f"kernel panic at node {i}") for i in range(5)]
+    scores = log_pca_scores(records + odd, n_buckets=16)
+    assert scores.shape == (len(records) + len(odd),)
+    assert scores[-1] > scores[: len(records)].max()
