@@ -252,6 +252,8 @@ class TracesPipeline(_Scoring):
         self.training: deque[np.ndarray] = deque(maxlen=self.edge.window_events)
         self.traces_scored = 0
         # First span index and read position per open trace, for the score's index and ref.
+        # NOTE: it is not saved with the assembler state, so a trace restored after a restart
+        # is scored with index -1 and no ref.
         self._first: dict[str, Incoming] = {}
 
     def assembler(self, partition: int) -> TraceAssembler:
@@ -292,7 +294,12 @@ class TracesPipeline(_Scoring):
             first = self._first.get(span.trace_id)
             if first is None or incoming.index < first.index:
                 self._first[span.trace_id] = incoming
-            closed += self.assembler(incoming.partition).add(span)
+            assembler = self.assembler(incoming.partition)
+            late_before = assembler.counters.late_spans
+            closed += assembler.add(span)
+            if assembler.counters.late_spans > late_before:
+                # The trace closed earlier, so no score will ever take this entry.
+                self._first.pop(span.trace_id, None)
         return [self._score(trace) for trace in closed]
 
     def advance(self, idle_us: int) -> list[Scored]:

@@ -159,3 +159,14 @@ def test_traces_advance_closes_idle_traces() -> None:
     closed = pipeline.advance(1_500_000)
     assert [s.key for s in closed] == ["t1"]
     assert closed[0].detail["closed_by"] == "timeout"
+
+
+def test_traces_late_span_leaves_no_entry() -> None:
+    config = modality_config(_config(traces={"timeout_s": 1.0}), "traces")
+    pipeline = TracesPipeline(config)
+    pipeline.process([Incoming(_span("t1", "r", "", 1.0), 0, 0, 0)])
+    closed = pipeline.process([Incoming(_span("t2", "r", "", 10.0), 1, 0, 1)])
+    assert [s.key for s in closed] == ["t1"]
+    assert pipeline.process([Incoming(_span("t1", "c", "r", 1.5), 2, 0, 2)]) == []
+    assert pipeline.counters().late_spans == 1
+    assert "t1" not in pipeline._first
