@@ -49,7 +49,10 @@ Service = EdgeClient | ModalityEdgeClient | Aggregator
 
 
 def run_multimodal_demo(config: AppConfig) -> int:
-    """Run the demo on a fresh broker; return 0 when every replayed event was handled."""
+    """Run the demo on a fresh broker; return 0 when every replayed event has a score.
+
+    Traces count as events: every trace id among the replayed spans must have a score.
+    """
     cache_dir().mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="demo-broker-", dir=cache_dir()))
     broker = LocalBroker(run_dir=run_dir, port=free_port())
@@ -125,6 +128,12 @@ async def _run(config: AppConfig) -> int:
         f"assembly: {traces_client.pipeline.counters()}."  # type: ignore[union-attr]
     )
     print(f"Results: {out_dir / 'multimodal.md'}")
+    expected = {"metrics": len(metrics.services), "logs": len(logs.records)}
+    expected["traces"] = len({span.trace_id for span in spans})
+    missing = {row.modality: expected[row.modality] - row.events for row in rows[:3]}
+    if any(missing.values()):
+        print(f"error: events without a score per modality: {missing}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -74,14 +74,24 @@ def join_series(
 ) -> ModalitySeries:
     """Collect the scores of ``modality`` and their labels from the producer ``label_source``.
 
-    The service of a score is its ``service`` field when present, else its key.
+    A repeated (key, index) keeps its first score. The service of a score is its ``service``
+    field when present, else its key.
     """
     by_key = {
         (item.key, int(item.envelope.body["index"])): int(item.envelope.body["label"])
         for item in labels
         if item.envelope.src == label_source
     }
-    chosen = [item for item in scores if item.envelope.body.get("modality") == modality]
+    # Delivery is at-least-once, so a batch replayed after a consumer restart or rebalance
+    # scores its events again; the first score of each (key, index) counts.
+    seen: set[tuple[str, int]] = set()
+    chosen = []
+    for item in scores:
+        identity = (item.key, int(item.envelope.body["index"]))
+        if item.envelope.body.get("modality") != modality or identity in seen:
+            continue
+        seen.add(identity)
+        chosen.append(item)
     return ModalitySeries(
         ts=np.array([item.envelope.ts for item in chosen], dtype=np.float64),
         indices=np.array([int(item.envelope.body["index"]) for item in chosen], dtype=np.int64),

@@ -40,10 +40,12 @@ def test_join_keeps_producers_apart() -> None:
         _keyed("svc-a", "score", "edge", 1.0, index=0, score=0.5, alert=False, modality="logs"),
         _keyed("svc-a", "score", "edge", 1.0, index=1, score=0.7, alert=True, modality="logs"),
         _keyed("svc-a", "score", "edge", 1.0, index=0, score=0.1, alert=False, modality="metrics"),
+        _keyed("svc-a", "score", "edge", 1.0, index=0, score=0.9, alert=True, modality="logs"),
     ]
     logs = join_series(scores, labels, "nezha-logs", "logs")
     metrics = join_series(scores, labels, "nezha-metrics", "metrics")
     assert logs.labels.tolist() == [0, -1]
+    assert logs.scores.tolist() == [0.5, 0.7]
     assert metrics.labels.tolist() == [1]
     assert logs.services == ["svc-a", "svc-a"]
     assert logs.hst is None
