@@ -320,7 +320,7 @@ def _broker(args: argparse.Namespace) -> int:
 
 
 def _service(args: argparse.Namespace, config: AppConfig) -> int:
-    from fanomad_stream.modalities import modality_config
+    from fanomad_stream.modalities import modality_config, require_mlp_for_metrics
     from fanomad_stream.service.metrics import serve_metrics
     from fanomad_stream.service.runner import run_until_signalled
 
@@ -332,6 +332,7 @@ def _service(args: argparse.Namespace, config: AppConfig) -> int:
 
         torch.set_num_threads(1)
         if args.modality == "metrics":
+            require_mlp_for_metrics(config)
             service = EdgeClient(config, site=args.site, sources=args.sources or [args.site])
         else:
             from fanomad_stream.edge.stream_client import ModalityEdgeClient

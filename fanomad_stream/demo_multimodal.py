@@ -36,7 +36,7 @@ from fanomad_stream.evaluate.modalities import (
     render_table,
 )
 from fanomad_stream.federate.aggregator import Aggregator
-from fanomad_stream.modalities import modality_config
+from fanomad_stream.modalities import modality_config, require_mlp_for_metrics
 from fanomad_stream.replay import streams
 from fanomad_stream.replay.logs import LogDataset
 from fanomad_stream.replay.traces import read_cases, read_window_labels
@@ -70,6 +70,7 @@ def run_multimodal_demo(config: AppConfig) -> int:
 
 
 async def _run(config: AppConfig) -> int:
+    require_mlp_for_metrics(config)
     await apply_catalog(config.kafka, load_catalog())
     nezha = config.nezha
     metrics = streams.load_nezha_metrics(nezha.data_dir, margin_s=nezha.metric_margin_s)

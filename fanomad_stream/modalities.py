@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 from fanomad_stream.config import AppConfig, ModelSettings
+from fanomad_stream.errors import ConfigError
 from fanomad_stream.featurize.logs import feature_names
 from fanomad_stream.featurize.traces import TRACE_SCALARS
 
@@ -51,3 +52,17 @@ def modality_config(config: AppConfig, modality: Modality) -> AppConfig:
         update={"model_name": f"{config.aggregator.model_name}-{modality}"}
     )
     return config.model_copy(update={"model": model, "aggregator": aggregator})
+
+
+def require_mlp_for_metrics(config: AppConfig) -> None:
+    """Raise ConfigError unless the metrics model is the MLP autoencoder.
+
+    NOTE: ``EdgePipeline`` scores metric rows with the MLP only; the sequence kinds run on
+    the logs and traces modalities.
+    """
+    if config.model.kind != "mlp_autoencoder":
+        msg = (
+            f"model.kind {config.model.kind!r} is not supported for metrics yet; use "
+            "mlp_autoencoder there, and set sequence models under logs.model or traces.model"
+        )
+        raise ConfigError(msg)

@@ -53,3 +53,13 @@ def test_replay_missing_log_dir_exits(tmp_path: Path, capsys: pytest.CaptureFixt
     code = main(["replay", "bgl", "--data-dir", str(tmp_path)])
     assert code == 2
     assert "BGL_2k.log not found" in capsys.readouterr().err
+
+
+def test_metrics_edge_rejects_sequence_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "lstm.yaml"
+    config.write_text("model:\n  kind: lstm_autoencoder\n")
+    code = main(["--config", str(config), "edge", "--site", "s1"])
+    assert code == 2
+    assert "not supported for metrics" in capsys.readouterr().err
