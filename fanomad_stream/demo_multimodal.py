@@ -2,8 +2,8 @@
 
 Steps: start a local broker of its own, apply the topic catalog, and start in this process
 one aggregator and one edge client per modality (each modality is its own federation). Then
-replay the three streams side by side and wait until every metric row and log line has a
-score and every span was consumed. Close the open traces, stop the services, evaluate with a
+replay the three streams side by side and wait until each edge client has committed its
+topic to the end of the replay. Close the open traces, stop the services, evaluate with a
 row per modality and one for the combined alerts, and stop the broker.
 """
 
@@ -16,11 +16,12 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
 import torch
+from aiokafka.admin import AIOKafkaAdminClient
 
 from fanomad_stream.broker.local import LocalBroker, cache_dir, free_port
 from fanomad_stream.config import AppConfig
@@ -40,7 +41,8 @@ from fanomad_stream.modalities import modality_config, require_mlp_for_metrics
 from fanomad_stream.replay import streams
 from fanomad_stream.replay.logs import LogDataset
 from fanomad_stream.replay.traces import read_cases, read_window_labels
-from fanomad_stream.transport.reader import read_topic
+from fanomad_stream.transport.kafka import client_options
+from fanomad_stream.transport.reader import end_offsets, read_topic
 from fanomad_stream.transport.topics import apply_catalog, load_catalog
 
 log = structlog.get_logger(__name__)
@@ -103,14 +105,15 @@ async def _run(config: AppConfig) -> int:
             streams.replay_logs(config.kafka, logs),
             streams.replay_spans(config.kafka, spans, span_labels),
         )
-        await _wait(
-            lambda: (
-                metrics_client.counters.scored >= len(metrics.services)
-                and logs_client.counters.scored >= len(logs.records)
-                and traces_client.counters.consumed >= len(spans)
-            ),
-            nezha.timeout_s,
-        )
+        # Counters include redeliveries after a rebalance, so the demo waits until each
+        # client's group has committed its topic up to the end offsets of the replay.
+        prefix = config.edge.group_prefix
+        groups = {
+            f"{prefix}-nezha-metrics": "metrics.raw",
+            f"{prefix}-logs-nezha-logs": "logs.raw",
+            f"{prefix}-traces-nezha-traces": "traces.raw",
+        }
+        await _wait_committed(config, groups, nezha.timeout_s)
         await traces_client.flush()
     seconds = time.monotonic() - began
 
@@ -181,10 +184,23 @@ async def _running(*services: Service) -> AsyncIterator[None]:
             await service.stop()
 
 
-async def _wait(condition: Callable[[], bool], timeout_s: float) -> None:
+async def _wait_committed(config: AppConfig, groups: dict[str, str], timeout_s: float) -> None:
+    """Wait until every group has committed its topic's current end offsets."""
+    ends = {topic: await end_offsets(config.kafka, topic) for topic in set(groups.values())}
+    admin = AIOKafkaAdminClient(**client_options(config.kafka))
+    await admin.start()
     deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            msg = f"the demo did not score every replayed event within {timeout_s} s"
-            raise TimeoutError(msg)
-        await asyncio.sleep(0.5)
+    try:
+        pending = dict(groups)
+        while pending:
+            for group, topic in list(pending.items()):
+                committed = await admin.list_consumer_group_offsets(group)
+                done = {tp.partition: meta.offset for tp, meta in committed.items()}
+                if all(done.get(p, 0) >= end for p, end in ends[topic].items()):
+                    del pending[group]
+            if pending and time.monotonic() > deadline:
+                msg = f"groups {sorted(pending)} did not commit the replay within {timeout_s} s"
+                raise TimeoutError(msg)
+            await asyncio.sleep(1.0)
+    finally:
+        await admin.close()
