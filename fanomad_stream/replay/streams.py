@@ -143,7 +143,8 @@ def load_nezha_metrics(
     """Read per-pod metrics near the shipped windows, merged in time order, with labels.
 
     Rows are kept within ``margin_s`` of a shipped fault or fault-free window, so the
-    metrics cover the same minutes as the spans and logs. ``indices`` counts rows per pod.
+    metrics cover the same minutes as the spans and logs. ``indices`` numbers the rows of each
+    service (the record key) in time order.
     A row is labelled 1 inside any of the 45 fault cases (see ``label_times``).
     """
     folder = data_dir or NEZHA_DIR
@@ -154,7 +155,7 @@ def load_nezha_metrics(
     windows = read_window_labels(folder / "labels")
     pods = [read_pod_metrics(path) for path in files]
     _check_same_columns(pods)
-    services, ts, rows, indices = [], [], [], []
+    services, ts, rows = [], [], []
     for pod in pods:
         near = np.zeros(pod.ts.shape, dtype=bool)
         for window in windows:
@@ -165,15 +166,21 @@ def load_nezha_metrics(
         services += [pod.service] * kept.size
         ts.append(pod.ts[kept])
         rows.append(pod.values[kept])
-        indices.append(np.arange(kept.size))
     all_ts = np.concatenate(ts)
     order = np.argsort(all_ts, kind="stable")
+    ordered = [services[i] for i in order]
+    # Each day has its own pod per service, so rows are numbered per service, not per file.
+    counts: dict[str, int] = {}
+    numbers = np.empty(len(ordered), dtype=np.int64)
+    for i, service in enumerate(ordered):
+        numbers[i] = counts.get(service, 0)
+        counts[service] = numbers[i] + 1
     cases = read_cases(folder / "labels")
     return MetricRows(
-        services=[services[i] for i in order],
+        services=ordered,
         ts=all_ts[order],
         values=np.concatenate(rows)[order],
-        indices=np.concatenate(indices)[order],
+        indices=numbers,
         labels=(label_times(all_ts[order], cases) >= 0).astype(np.int8),
     )
 

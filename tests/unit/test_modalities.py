@@ -14,6 +14,7 @@ from fanomad_stream.errors import ConfigError
 from fanomad_stream.featurize.trace_assembly import Span
 from fanomad_stream.modalities import modality_config
 from fanomad_stream.replay.logs import LogRecord
+from fanomad_stream.replay.streams import NEZHA_DIR, load_nezha_metrics
 
 
 def _config(**sections: object) -> AppConfig:
@@ -170,3 +171,16 @@ def test_traces_late_span_leaves_no_entry() -> None:
     assert pipeline.process([Incoming(_span("t1", "c", "r", 1.5), 2, 0, 2)]) == []
     assert pipeline.counters().late_spans == 1
     assert "t1" not in pipeline._first
+
+
+@pytest.mark.skipif(not NEZHA_DIR.is_dir(), reason="Nezha data not found beside the checkout")
+def test_nezha_metric_keys_unique() -> None:
+    """Both days have a pod per service, and (service, index) still names one row."""
+    rows = load_nezha_metrics(NEZHA_DIR, margin_s=60.0)
+    keys = {
+        (service, int(index)) for service, index in zip(rows.services, rows.indices, strict=True)
+    }
+    assert len(keys) == len(rows.services)
+    assert (np.diff(rows.ts) >= 0).all()
+    assert rows.values.shape == (len(rows.services), 18)
+    assert 0 < rows.labels.sum() < len(rows.services)
