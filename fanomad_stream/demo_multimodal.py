@@ -99,7 +99,7 @@ async def _run(config: AppConfig) -> int:
         for modality in ("metrics", "logs", "traces")
     ]
     began = time.monotonic()
-    async with _running(*aggregators, metrics_client, logs_client, traces_client):
+    async with _running(*aggregators, metrics_client, logs_client, traces_client) as tasks:
         await asyncio.gather(
             streams.replay_metrics(config.kafka, metrics),
             streams.replay_logs(config.kafka, logs),
@@ -113,7 +113,7 @@ async def _run(config: AppConfig) -> int:
             f"{prefix}-logs-nezha-logs": "logs.raw",
             f"{prefix}-traces-nezha-traces": "traces.raw",
         }
-        await _wait_committed(config, groups, nezha.timeout_s)
+        await _wait_committed(config, groups, tasks, nezha.timeout_s)
         await traces_client.flush()
     seconds = time.monotonic() - began
 
@@ -170,12 +170,12 @@ async def _evaluate(config: AppConfig, logs: LogDataset) -> list[ModalityRow]:
 
 
 @contextlib.asynccontextmanager
-async def _running(*services: Service) -> AsyncIterator[None]:
+async def _running(*services: Service) -> AsyncIterator[list[asyncio.Task[None]]]:
     for service in services:
         await service.start()
     tasks = [asyncio.create_task(service.run()) for service in services]
     try:
-        yield
+        yield tasks
     finally:
         for service in services:
             service.request_stop()
@@ -184,8 +184,17 @@ async def _running(*services: Service) -> AsyncIterator[None]:
             await service.stop()
 
 
-async def _wait_committed(config: AppConfig, groups: dict[str, str], timeout_s: float) -> None:
-    """Wait until every group has committed its topic's current end offsets."""
+async def _wait_committed(
+    config: AppConfig,
+    groups: dict[str, str],
+    tasks: list[asyncio.Task[None]],
+    timeout_s: float,
+) -> None:
+    """Wait until every group has committed its topic's current end offsets.
+
+    Raises the error of a service task that ended early, and TimeoutError after
+    ``timeout_s``.
+    """
     ends = {topic: await end_offsets(config.kafka, topic) for topic in set(groups.values())}
     admin = AIOKafkaAdminClient(**client_options(config.kafka))
     await admin.start()
@@ -193,6 +202,11 @@ async def _wait_committed(config: AppConfig, groups: dict[str, str], timeout_s: 
     try:
         pending = dict(groups)
         while pending:
+            for task in tasks:
+                if task.done():
+                    task.result()  # raises the service's error
+                    msg = "a service stopped before the replay was scored"
+                    raise RuntimeError(msg)
             for group, topic in list(pending.items()):
                 committed = await admin.list_consumer_group_offsets(group)
                 done = {tp.partition: meta.offset for tp, meta in committed.items()}

@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import CommitFailedError
 
 from fanomad_stream.config import AppConfig
 from fanomad_stream.edge.modalities import (
@@ -40,6 +41,7 @@ from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_prod
 
 log = structlog.get_logger(__name__)
 
+SESSION_TIMEOUT_MS = 45_000
 TOPICS = {"logs": ("logs.raw", frozenset({"log"})), "traces": ("traces.raw", frozenset({"span"}))}
 
 
@@ -51,6 +53,7 @@ class StreamCounters:
     dead_letters: int = 0
     skipped: int = 0
     updates_sent: int = 0
+    commit_failures: int = 0
 
 
 class ModalityEdgeClient:
@@ -111,7 +114,11 @@ class ModalityEdgeClient:
         await self._producer.start()
         self._dead = DeadLetters(self._producer, self._kafka, src=self.site)
         group = f"{self.config.edge.group_prefix}-{self.modality}-{self.site}"
-        self._consumer = make_consumer(self._kafka, self._topic, group_id=group)
+        # A longer session than aiokafka's 10 s default: scoring and training share the
+        # process with the heartbeat task, and a missed session forces a rebalance.
+        self._consumer = make_consumer(
+            self._kafka, self._topic, group_id=group, session_timeout_ms=SESSION_TIMEOUT_MS
+        )
         await self._consumer.start()
         await self._global.start()
         self._log.info("edge_started", group=group, topic=self._topic)
@@ -170,7 +177,7 @@ class ModalityEdgeClient:
 
         # At-least-once: offsets move only after every score, alert and dead letter is acked.
         if consumed:
-            await self._consumer.commit()
+            await self._commit()
             self.counters.consumed += consumed
         self.metrics.record_consumed(consumed)
         await self.metrics.record_lag(self._consumer)
@@ -178,6 +185,22 @@ class ModalityEdgeClient:
         if self.pipeline.window_ready() and self.global_version > self.last_update_round:
             await self._train_and_send()
         return consumed
+
+    async def _commit(self) -> None:
+        """Commit the polled offsets; after a rebalance, log and let the batch be redelivered.
+
+        A consumer that missed its heartbeats (a busy event loop) is dropped from its group,
+        and its next commit fails. The batch is then consumed and scored again, which is the
+        at-least-once contract, so the client keeps running instead of dying.
+        """
+        assert self._consumer is not None
+        try:
+            await self._consumer.commit()
+        except CommitFailedError as err:
+            self.counters.commit_failures += 1
+            self._log.warning(
+                "commit_failed", error=str(err), commit_failures=self.counters.commit_failures
+            )
 
     async def flush(self) -> int:
         """Score what is still open (windows, traces) and publish it; return the count."""
