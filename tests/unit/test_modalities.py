@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog.testing
 from aiokafka.errors import CommitFailedError
 
 from fanomad_stream.config import AppConfig, ModelSettings, parse_config
@@ -200,6 +201,8 @@ async def test_commit_failure_counted_not_raised(tmp_path: Path) -> None:
     config = modality_config(_config(logs={"state_dir": str(tmp_path)}), "logs")
     client = ModalityEdgeClient(config, site="s1", modality="logs")
     client._consumer = _RebalancedConsumer()  # type: ignore[assignment]
-    await client._commit()
-    await client._commit()
+    with structlog.testing.capture_logs() as logs:
+        await client._commit()
+        await client._commit()
     assert client.counters.commit_failures == 2
+    assert [entry["event"] for entry in logs] == ["commit_failed", "commit_failed"]
