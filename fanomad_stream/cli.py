@@ -18,9 +18,12 @@ from fanomad_stream.service.metrics import DEFAULT_METRICS_HOST
 
 if TYPE_CHECKING:
     from fanomad_stream.edge.client import EdgeClient
+    from fanomad_stream.edge.stream_client import ModalityEdgeClient
     from fanomad_stream.federate.aggregator import Aggregator
 
 log = structlog.get_logger(__name__)
+
+STREAM_DATASETS = ("bgl", "hdfs", "thunderbird", "nezha", "nezha-logs")
 
 
 def _add_common(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -83,7 +86,21 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     replay = add_command("replay", help="produce a recorded data set into the topics")
-    replay.add_argument("dataset", choices=["smd"])
+    replay.add_argument(
+        "dataset",
+        choices=["smd", *STREAM_DATASETS],
+        help="smd → metrics.raw; bgl, hdfs, thunderbird, nezha-logs → logs.raw; nezha → traces.raw",
+    )
+    replay.add_argument("--limit", type=int, help="log lines or spans to send (default: all)")
+    replay.add_argument(
+        "--events-per-s",
+        type=float,
+        default=0.0,
+        help="log lines per second (default 0: no pacing)",
+    )
+    replay.add_argument(
+        "--pattern", help="glob of Nezha trace or log files under --data-dir (default: all)"
+    )
     replay.add_argument("--machines", nargs="+", help="machine names, e.g. machine-1-2 machine-1-3")
     replay.add_argument(
         "--speed", type=float, help="0 = as fast as possible; N = N times the recorded cadence"
@@ -104,9 +121,20 @@ def _parser() -> argparse.ArgumentParser:
         required=site is None,
         help="client id of the site (default: $FANOMAD_SITE)",
     )
-    edge.add_argument("--sources", nargs="+", help="sources the site scores (default: the site id)")
+    edge.add_argument(
+        "--sources",
+        nargs="+",
+        help="sources the site scores (default: the site id for metrics, every source for logs)",
+    )
 
     aggregator = add_command("aggregator", help="run the aggregator until SIGTERM")
+    for service in (edge, aggregator):
+        service.add_argument(
+            "--modality",
+            choices=["metrics", "logs", "traces"],
+            default="metrics",
+            help="the stream and federation the service joins (default metrics)",
+        )
     for service in (edge, aggregator):
         _add_metrics_options(service)
 
@@ -133,6 +161,10 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     add_command("demo", help="run the whole system once on a broker of its own")
+    add_command(
+        "demo-multimodal",
+        help="replay Nezha as metrics, logs and traces at once on a broker of its own",
+    )
     add_command("bench", help="measure consume and scoring throughput")
     return parser
 
@@ -156,7 +188,7 @@ def _with_overrides(config: AppConfig, args: argparse.Namespace) -> AppConfig:
     if args.bootstrap:
         kafka = config.kafka.model_copy(update={"bootstrap_servers": args.bootstrap})
         config = config.model_copy(update={"kafka": kafka})
-    if args.command == "replay":
+    if args.command == "replay" and args.dataset == "smd":
         updates = {
             "machines": args.machines,
             "speed": args.speed,
@@ -207,6 +239,8 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         for line in report.drift:
             print(f"drift: {line}")
         return 1 if report.drift else 0
+    if command == "replay" and args.dataset in STREAM_DATASETS:
+        return _replay_stream(args, config)
     if command == "replay":
         from fanomad_stream.replay.smd import replay_smd
 
@@ -238,11 +272,44 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         from fanomad_stream.demo import run_demo
 
         return run_demo(config, args.config)
+    if command == "demo-multimodal":
+        from fanomad_stream.demo_multimodal import run_multimodal_demo
+
+        return run_multimodal_demo(config)
     if command == "bench":
         from fanomad_stream.bench import run_bench
 
         return run_bench(config)
     raise AssertionError(command)
+
+
+def _replay_stream(args: argparse.Namespace, config: AppConfig) -> int:
+    from fanomad_stream.replay import streams
+
+    pattern = {"pattern": args.pattern} if args.pattern else {}
+    if args.dataset == "nezha":
+        spans, labels = streams.load_nezha_spans(args.data_dir, limit=args.limit, **pattern)
+        report = asyncio.run(
+            streams.replay_spans(config.kafka, spans, labels, speed=args.speed or 0.0)
+        )
+        unit = "spans"
+    else:
+        dataset = (
+            streams.load_nezha_logs(args.data_dir, limit=args.limit, **pattern)
+            if args.dataset == "nezha-logs"
+            else streams.load_log_dataset(args.dataset, args.data_dir)
+        )
+        report = asyncio.run(
+            streams.replay_logs(
+                config.kafka, dataset, events_per_s=args.events_per_s, limit=args.limit
+            )
+        )
+        unit = "lines"
+    print(
+        f"{unit}: {report.total_records}\nkeys: {len(report.records)}\n"
+        f"labels: {report.labels}\nanomalous: {report.anomalous}"
+    )
+    return 0
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -269,23 +336,35 @@ def _broker(args: argparse.Namespace) -> int:
 
 
 def _service(args: argparse.Namespace, config: AppConfig) -> int:
+    from fanomad_stream.modalities import modality_config, require_mlp_for_metrics
     from fanomad_stream.service.metrics import serve_metrics
     from fanomad_stream.service.runner import run_until_signalled
 
-    service: EdgeClient | Aggregator
+    service: EdgeClient | ModalityEdgeClient | Aggregator
     if args.command == "edge":
         import torch
 
         from fanomad_stream.edge.client import EdgeClient
 
         torch.set_num_threads(1)
-        service = EdgeClient(config, site=args.site, sources=args.sources or [args.site])
-        name = f"edge:{args.site}"
+        if args.modality == "metrics":
+            require_mlp_for_metrics(config)
+            service = EdgeClient(config, site=args.site, sources=args.sources or [args.site])
+        else:
+            from fanomad_stream.edge.stream_client import ModalityEdgeClient
+
+            service = ModalityEdgeClient(
+                modality_config(config, args.modality),
+                site=args.site,
+                modality=args.modality,
+                sources=args.sources,
+            )
+        name = f"edge:{args.modality}:{args.site}"
     else:
         from fanomad_stream.federate.aggregator import Aggregator
 
-        service = Aggregator(config)
-        name = "aggregator"
+        service = Aggregator(modality_config(config, args.modality))
+        name = f"aggregator:{args.modality}"
     endpoint = None
     if args.metrics_port is not None:
         endpoint = serve_metrics(

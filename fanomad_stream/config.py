@@ -70,12 +70,22 @@ class ReplaySettings(_Section):
     interval_s: float = Field(default=60.0, gt=0)  # SMD samples once a minute
 
 
-class ModelSettings(_Section):
-    """The autoencoder each edge client trains and the federation averages."""
+ModelKind = Literal["mlp_autoencoder", "lstm_autoencoder", "transformer_autoencoder"]
 
-    kind: Literal["mlp_autoencoder"] = "mlp_autoencoder"
+
+class ModelSettings(_Section):
+    """The autoencoder each edge client trains and the federation averages.
+
+    For the sequence kinds, ``hidden[0]`` is the LSTM hidden size or the Transformer width
+    (even and divisible by ``n_heads``), ``hidden[-1]`` the latent size, and ``window`` the
+    number of time steps per window.
+    """
+
+    kind: ModelKind = "mlp_autoencoder"
     n_features: int = Field(default=38, ge=1, le=100_000)
     hidden: list[int] = Field(default_factory=lambda: [16, 8], min_length=1)
+    window: int = Field(default=16, ge=1, le=4096)
+    n_heads: int = Field(default=4, ge=1, le=64)
     learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
     local_epochs: int = Field(default=2, ge=1, le=100)
     batch_size: int = Field(default=64, ge=1, le=65_536)
@@ -187,6 +197,49 @@ class PrivacySettings(_Section):
     secure_aggregation: SecureAggregationSettings = SecureAggregationSettings()
 
 
+class LogsSettings(_Section):
+    """The logs modality: drain3 mining, windows and the model of the logs federation.
+
+    With ``model.kind`` mlp_autoencoder the model scores per-source window count vectors.
+    With a sequence kind it scores every line by its template-bucket row, in the window of
+    the source's last lines. ``model.n_features`` is derived from ``n_buckets``.
+    """
+
+    model: ModelSettings = ModelSettings(kind="lstm_autoencoder", hidden=[32, 8])
+    n_buckets: int = Field(default=64, ge=1, le=65_536)
+    window_s: float = Field(default=60.0, gt=0)
+    max_lines: int = Field(default=10_000, ge=1)
+    # Each site keeps its drain3 state in <state_dir>/<site>/drain3.json.
+    state_dir: Path = Path("state")
+
+
+class TracesSettings(_Section):
+    """The traces modality: assembly limits and the model of the traces federation.
+
+    With ``model.kind`` mlp_autoencoder the model scores per-trace feature vectors; with a
+    sequence kind it scores the trace's span rows in start order. ``model.n_features`` is
+    derived from the bucket counts.
+    """
+
+    model: ModelSettings = ModelSettings(hidden=[16, 8])
+    timeout_s: float = Field(default=30.0, gt=0)
+    root_grace_s: float = Field(default=2.0, ge=0)
+    max_open_traces: int = Field(default=10_000, ge=1)
+    max_spans_per_trace: int = Field(default=2_000, ge=1)
+    n_edge_buckets: int = Field(default=32, ge=1, le=65_536)
+    n_service_buckets: int = Field(default=16, ge=1, le=65_536)
+
+
+class NezhaSettings(_Section):
+    """The multimodal demo's Nezha replay: which data, and how much of it."""
+
+    data_dir: Path | None = None  # default: the copy beside the checkout
+    metric_margin_s: float = Field(default=600.0, ge=0)
+    log_limit: int | None = Field(default=None, ge=1)
+    span_limit: int | None = Field(default=None, ge=1)
+    timeout_s: float = Field(default=600.0, gt=0)
+
+
 class EvaluationSettings(_Section):
     precision_at_k: list[int] = Field(default_factory=lambda: [100, 500])
     seed: int = 0
@@ -200,6 +253,9 @@ class AppConfig(_Section):
     model: ModelSettings = ModelSettings()
     edge: EdgeSettings = EdgeSettings()
     aggregator: AggregatorSettings = AggregatorSettings()
+    logs: LogsSettings = LogsSettings()
+    traces: TracesSettings = TracesSettings()
+    nezha: NezhaSettings = NezhaSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     privacy: PrivacySettings = PrivacySettings()
     output_dir: Path = Path("runs/demo")

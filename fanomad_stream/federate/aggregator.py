@@ -23,7 +23,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from fanomad_stream.config import AppConfig
-from fanomad_stream.detect.autoencoder import build_model, get_weights
+from fanomad_stream.detect.factory import initial_weights
 from fanomad_stream.errors import DecodeError, RoundError, UpdateRejectedError
 from fanomad_stream.federate.aggregate import Weights
 from fanomad_stream.federate.global_model import GlobalModel, GlobalModelReader, publish_global
@@ -358,10 +358,7 @@ class Aggregator:
         if reader.latest is not None:
             self._log.info("global_model_resumed", version=reader.latest.version)
             return reader.latest
-        model_settings = self.config.model
-        weights = get_weights(
-            build_model(model_settings.n_features, model_settings.hidden, model_settings.seed)
-        )
+        weights = initial_weights(self.config.model)
         initial = GlobalModel(version=0, round=-1, weights=weights, clients=[])
         await self._publish(initial)
         self._log.info(

@@ -1,0 +1,366 @@
+"""Scoring pipelines of the logs and traces modalities, free of Kafka like ``EdgePipeline``.
+
+A pipeline takes decoded records of one poll in arrival order and returns one ``Scored``
+item per scored unit: a log line (sequence models) or a closed per-source window (MLP) for
+logs, a closed trace for traces. It keeps the site's training data, and ``train_window``
+trains the shared detector on it and returns the weight delta for the federation, the same
+contract as ``EdgePipeline.train_window``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fanomad_stream.config import AppConfig
+from fanomad_stream.detect.autoencoder import AutoencoderDetector, Weights
+from fanomad_stream.detect.factory import ModelDetector, build_detector
+from fanomad_stream.detect.hst import HalfSpaceTreesDetector
+from fanomad_stream.detect.scaling import StreamingScaler
+from fanomad_stream.detect.sequence import SequenceAutoencoderDetector, StreamContext
+from fanomad_stream.detect.threshold import QuantileThreshold
+from fanomad_stream.featurize.logs import (
+    LogFeaturizer,
+    LogWindowFeatures,
+    MinedLine,
+    line_vectors,
+)
+from fanomad_stream.featurize.trace_assembly import (
+    AssemblerCounters,
+    Span,
+    Trace,
+    TraceAssembler,
+)
+from fanomad_stream.featurize.traces import TraceFeaturizer
+from fanomad_stream.replay.logs import LogRecord
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One decoded record with its stream index and where it was read from."""
+
+    item: LogRecord | Span
+    index: int
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One score to publish: ``key`` is the Kafka key (source or trace id)."""
+
+    key: str
+    index: int
+    ts: float
+    score: float
+    threshold: float
+    alert: bool
+    partition: int
+    offset: int
+    service: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class _Scoring:
+    """The detector, per-key thresholds and training buffer every modality pipeline shares."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self.edge = config.edge
+        self.detector: ModelDetector = build_detector(config.model)
+        self.thresholds: dict[str, QuantileThreshold] = {}
+        self.events_since_training = 0
+
+    @property
+    def sequence(self) -> SequenceAutoencoderDetector | None:
+        return self.detector if isinstance(self.detector, SequenceAutoencoderDetector) else None
+
+    def threshold(self, key: str, scores: np.ndarray) -> np.ndarray:
+        state = self.thresholds.get(key)
+        if state is None:
+            settings = self.edge.threshold
+            state = QuantileThreshold(settings.quantile, settings.warmup_events, settings.history)
+            self.thresholds[key] = state
+        return state.thresholds_for(scores)
+
+    def window_ready(self) -> bool:
+        return self.events_since_training >= self.edge.window_events
+
+
+class LogsPipeline(_Scoring):
+    """Mine, featurize and score log records of one site.
+
+    drain3 keeps its state in ``state_path``, so a restarted client keeps its template ids.
+    A sequence model scores every line by the last step of the window of its source's
+    recent line rows. Alerts wait until the source has ``window`` lines, because shorter
+    warm-up windows score high (see ``SequenceAutoencoderDetector``). The MLP scores each closed window of a source, with
+    the features standardized by that source's streaming scaler.
+    """
+
+    modality = "logs"
+
+    def __init__(self, config: AppConfig, state_path: Path | None) -> None:
+        super().__init__(config)
+        logs = config.logs
+        self.featurizer = LogFeaturizer(
+            state_path, n_buckets=logs.n_buckets, window_s=logs.window_s, max_lines=logs.max_lines
+        )
+        self.contexts: dict[str, StreamContext] = {}
+        self.scalers: dict[str, StreamingScaler] = {}
+        self.windows_scored: dict[str, int] = {}
+        self.training: deque[tuple[str, np.ndarray]] = deque(maxlen=self.edge.window_events)
+
+    def process(self, batch: list[Incoming]) -> list[Scored]:
+        """Score one poll's records in arrival order."""
+        mined: list[tuple[Incoming, MinedLine]] = []
+        closed: list[tuple[Incoming, LogWindowFeatures]] = []
+        for incoming in batch:
+            assert isinstance(incoming.item, LogRecord)
+            line, windows = self.featurizer.add(incoming.item)
+            mined.append((incoming, line))
+            closed += [(incoming, window) for window in windows]
+        if self.sequence is not None:
+            return self._score_lines(self.sequence, mined)
+        return self._score_windows(closed)
+
+    def flush(self) -> list[Scored]:
+        """Close the open windows (MLP) and save the drain3 state."""
+        windows = self.featurizer.flush()
+        if self.sequence is not None:
+            return []
+        marker = Incoming(LogRecord(0.0, "", ""), -1, -1, -1)
+        return self._score_windows([(marker, window) for window in windows])
+
+    def _score_lines(
+        self, detector: SequenceAutoencoderDetector, mined: list[tuple[Incoming, MinedLine]]
+    ) -> list[Scored]:
+        by_source: dict[str, list[tuple[Incoming, MinedLine]]] = {}
+        for incoming, line in mined:
+            by_source.setdefault(line.record.source, []).append((incoming, line))
+        scored = []
+        for source, items in by_source.items():
+            context = self.contexts.get(source)
+            if context is None:
+                context = self.contexts[source] = detector.new_context()
+            seen_before = context.seen
+            rows = self._line_rows([line for _, line in items])
+            scores = detector.score_rows(rows, context)
+            # One threshold for the site: line scores of one shared model are comparable
+            # across sources, and most sources write too few lines for a threshold of their own.
+            thresholds = self.threshold("site", scores)
+            for i, ((incoming, line), score) in enumerate(zip(items, scores, strict=True)):
+                warm = seen_before + i + 1 >= detector.window
+                scored.append(
+                    Scored(
+                        key=source,
+                        index=incoming.index,
+                        ts=line.record.ts,
+                        score=float(score),
+                        threshold=float(thresholds[i]),
+                        alert=bool(warm and score > thresholds[i]),
+                        partition=incoming.partition,
+                        offset=incoming.offset,
+                        detail={"template": line.cluster_id, "new_template": line.is_new},
+                    )
+                )
+            self.training.extend((source, row) for row in rows)
+            self.events_since_training += len(items)
+        return scored
+
+    def _line_rows(self, lines: list[MinedLine]) -> np.ndarray:
+        return line_vectors(lines, self.featurizer.n_buckets)
+
+    def _score_windows(self, closed: list[tuple[Incoming, LogWindowFeatures]]) -> list[Scored]:
+        assert isinstance(self.detector, AutoencoderDetector)
+        scored = []
+        for incoming, window in closed:
+            scaler = self.scalers.get(window.source)
+            if scaler is None:
+                scaler = self.scalers[window.source] = StreamingScaler(
+                    self.featurizer.n_features, self.edge.scale_floor
+                )
+            z = scaler.transform(window.vector[None, :])
+            score = self.detector.score_batch(z)
+            threshold = self.threshold(window.source, score)
+            scaler.learn(window.vector[None, :])
+            number = self.windows_scored.get(window.source, 0)
+            self.windows_scored[window.source] = number + 1
+            scored.append(
+                Scored(
+                    key=window.source,
+                    index=number,
+                    ts=window.start,
+                    score=float(score[0]),
+                    threshold=float(threshold[0]),
+                    alert=bool(score[0] > threshold[0]),
+                    partition=incoming.partition,
+                    offset=incoming.offset,
+                    detail={"window_start": window.start, "lines": window.lines},
+                )
+            )
+            self.training.append((window.source, z[0]))
+            self.events_since_training += 1
+        return scored
+
+    def train_window(self) -> tuple[Weights, int]:
+        """Train on the buffered rows (per source for sequence models); return (delta, n)."""
+        by_source: dict[str, list[np.ndarray]] = {}
+        for source, row in self.training:
+            by_source.setdefault(source, []).append(row)
+        streams = [np.stack(rows) for rows in by_source.values()]
+        self.events_since_training = 0
+        if self.sequence is not None:
+            delta = self.sequence.train(streams)
+            return delta, self.sequence.last_n_windows
+        assert isinstance(self.detector, AutoencoderDetector)
+        data = np.concatenate(streams)
+        return self.detector.train(data), int(data.shape[0])
+
+
+class TracesPipeline(_Scoring):
+    """Assemble spans into traces, featurize each closed trace and score it.
+
+    Each partition has its own assembler (see ``assembler``), so ``max_open_traces``
+    bounds the open traces per partition. The MLP scores the trace's feature vector,
+    standardized by one streaming scaler of the site. A sequence model scores the last
+    ``window`` span rows of the trace, in start order, as one window. Each score names the service whose spans deviated most from
+    their operation's latency baseline. Thresholds are per root service.
+    """
+
+    modality = "traces"
+
+    def __init__(self, config: AppConfig) -> None:
+        super().__init__(config)
+        traces = config.traces
+        self.settings = traces
+        self.assemblers: dict[int, TraceAssembler] = {}
+        self.featurizer = TraceFeaturizer(
+            n_edge_buckets=traces.n_edge_buckets, n_service_buckets=traces.n_service_buckets
+        )
+        self.scaler = StreamingScaler(self.featurizer.n_features, self.edge.scale_floor)
+        # HalfSpaceTrees on the standardized trace vector: the online baseline, in ``detail``.
+        self.hst = HalfSpaceTreesDetector(
+            self.featurizer.n_features,
+            n_trees=self.edge.hst_trees,
+            height=self.edge.hst_height,
+            window_size=self.edge.hst_window,
+            seed=config.model.seed,
+        )
+        self.training: deque[np.ndarray] = deque(maxlen=self.edge.window_events)
+        self.traces_scored = 0
+        # First span index and read position per open trace, for the score's index and ref.
+        # NOTE: it is not saved with the assembler state, so a trace restored after a restart
+        # is scored with index -1 and no ref.
+        self._first: dict[str, Incoming] = {}
+
+    def assembler(self, partition: int) -> TraceAssembler:
+        """Return the assembler of one partition, creating it on first use.
+
+        Spans are keyed by trace id, so a trace lives in one partition, and each partition
+        is in start order. A clock per partition keeps one partition that is read ahead
+        from closing the traces of another as late.
+        """
+        assembler = self.assemblers.get(partition)
+        if assembler is None:
+            traces = self.settings
+            assembler = self.assemblers[partition] = TraceAssembler(
+                timeout_us=int(traces.timeout_s * 1e6),
+                root_grace_us=int(traces.root_grace_s * 1e6),
+                max_open_traces=traces.max_open_traces,
+                max_spans_per_trace=traces.max_spans_per_trace,
+            )
+        return assembler
+
+    def counters(self) -> AssemblerCounters:
+        """Return the counters of every partition's assembler, summed."""
+        total = AssemblerCounters()
+        for assembler in self.assemblers.values():
+            for name, value in asdict(assembler.counters).items():
+                setattr(total, name, getattr(total, name) + value)
+        return total
+
+    @property
+    def open_traces(self) -> int:
+        return sum(assembler.open_traces for assembler in self.assemblers.values())
+
+    def process(self, batch: list[Incoming]) -> list[Scored]:
+        closed: list[Trace] = []
+        for incoming in batch:
+            span = incoming.item
+            assert isinstance(span, Span)
+            first = self._first.get(span.trace_id)
+            if first is None or incoming.index < first.index:
+                self._first[span.trace_id] = incoming
+            assembler = self.assembler(incoming.partition)
+            late_before = assembler.counters.late_spans
+            closed += assembler.add(span)
+            if assembler.counters.late_spans > late_before:
+                # The trace closed earlier, so no score will ever take this entry.
+                self._first.pop(span.trace_id, None)
+        return [self._score(trace) for trace in closed]
+
+    def advance(self, idle_us: int) -> list[Scored]:
+        """Move every partition's clock ``idle_us`` forward while no span arrives."""
+        closed: list[Trace] = []
+        for assembler in self.assemblers.values():
+            closed += assembler.advance(assembler.watermark_us + idle_us)
+        return [self._score(trace) for trace in closed]
+
+    def flush(self) -> list[Scored]:
+        closed: list[Trace] = []
+        for assembler in self.assemblers.values():
+            closed += assembler.flush()
+        return [self._score(trace) for trace in closed]
+
+    def _score(self, trace: Trace) -> Scored:
+        features = self.featurizer.featurize(trace)
+        z = self.scaler.transform(features.vector[None, :])
+        self.scaler.learn(features.vector[None, :])
+        hst = float(self.hst.score_and_learn(z)[0])
+        if self.sequence is not None:
+            rows = features.span_rows[-self.sequence.window :]
+            score = float(self.sequence.score_windows(rows[None])[0])
+            self.training.append(rows)
+        else:
+            assert isinstance(self.detector, AutoencoderDetector)
+            score = float(self.detector.score_batch(z)[0])
+            self.training.append(z[0])
+        root = trace.root.service if trace.root is not None else features.top_service
+        threshold = float(self.threshold(root, np.array([score]))[0])
+        self.events_since_training += 1
+        self.traces_scored += 1
+        first = self._first.pop(trace.trace_id, None)
+        return Scored(
+            key=trace.trace_id,
+            index=first.index if first is not None else -1,
+            ts=features.start_us / 1e6,
+            score=score,
+            threshold=threshold,
+            alert=score > threshold,
+            partition=first.partition if first is not None else -1,
+            offset=first.offset if first is not None else -1,
+            service=features.top_service,
+            detail={
+                "spans": len(trace.spans),
+                "closed_by": trace.closed_by,
+                "latency_us": features.end_us - features.start_us,
+                "root_service": root,
+                "hst": hst,
+            },
+        )
+
+    def train_window(self) -> tuple[Weights, int]:
+        """Train on the buffered traces; return (delta, number of samples)."""
+        self.events_since_training = 0
+        if self.sequence is not None:
+            delta = self.sequence.train(list(self.training))
+            return delta, self.sequence.last_n_windows
+        assert isinstance(self.detector, AutoencoderDetector)
+        data = np.stack(list(self.training))
+        return self.detector.train(data), int(data.shape[0])
+
+
+ModalityPipeline = LogsPipeline | TracesPipeline

@@ -1,0 +1,214 @@
+"""Logs and traces on the real broker: replay → modality edge client → scores, and a round."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fanomad_stream.config import AppConfig, KafkaSettings
+from fanomad_stream.edge.modalities import TracesPipeline
+from fanomad_stream.edge.stream_client import ModalityEdgeClient
+from fanomad_stream.featurize.logs import LogTemplateMiner
+from fanomad_stream.federate.aggregator import Aggregator
+from fanomad_stream.federate.global_model import GlobalModelReader
+from fanomad_stream.modalities import modality_config
+from fanomad_stream.replay.streams import (
+    LOGHUB_DIR,
+    NEZHA_DIR,
+    load_log_dataset,
+    load_nezha_spans,
+    replay_logs,
+    replay_spans,
+)
+from fanomad_stream.transport.reader import read_topic
+from tests.conftest import make_config, wait_until
+
+pytestmark = [
+    pytest.mark.broker,
+    pytest.mark.skipif(
+        not (LOGHUB_DIR / "BGL").is_dir() or not NEZHA_DIR.is_dir(),
+        reason="LogHub or Nezha data not found beside the checkout",
+    ),
+]
+
+NEZHA_WINDOW = "fault/2023-01-29/trace/08_44_trace.csv.gz"
+
+
+def _logs_config(kafka: KafkaSettings, state_dir: Path, **edge: object) -> AppConfig:
+    config = make_config(
+        kafka,
+        edge={"max_batch_records": 500, "poll_timeout_ms": 200, **edge},
+        logs={
+            "state_dir": str(state_dir),
+            "model": {"kind": "lstm_autoencoder", "hidden": [16, 4], "window": 8, "seed": 3},
+        },
+        aggregator={"quorum": 1, "round_deadline_s": 20, "clients": ["bgl-site"]},
+    )
+    return modality_config(config, "logs")
+
+
+@contextlib.asynccontextmanager
+async def _running(*services: ModalityEdgeClient | Aggregator) -> AsyncIterator[None]:
+    for service in services:
+        await service.start()
+    tasks = [asyncio.create_task(service.run()) for service in services]
+    try:
+        yield
+    finally:
+        for service in services:
+            service.request_stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for service in services:
+            await service.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_bgl_lines_scored_once(topics: KafkaSettings, tmp_path: Path) -> None:
+    """Every BGL line is scored exactly once, labels travel apart, templates persist."""
+    dataset = load_log_dataset("bgl")
+    expected_anomalous = sum(tag != "-" for tag in dataset.categories or [])
+    config = _logs_config(topics, tmp_path, window_events=100_000)
+
+    report = await replay_logs(topics, dataset, progress=False)
+    assert report.total_records == 2000
+    assert report.labels == 2000
+    assert report.anomalous == expected_anomalous
+
+    client = ModalityEdgeClient(config, site="bgl-site", modality="logs")
+    async with _running(client):
+        await wait_until(lambda: client.counters.scored >= 2000, timeout_s=60)
+    assert client.counters.dead_letters == 0
+
+    scores = await read_topic(topics, "scores", frozenset({"score"}))
+    indices = sorted(s.envelope.body["index"] for s in scores)
+    assert indices == list(range(2000))
+    assert {s.envelope.body["modality"] for s in scores} == {"logs"}
+
+    labels = await read_topic(topics, "labels", frozenset({"label"}))
+    assert len(labels) == 2000
+    assert sum(item.envelope.body["label"] for item in labels) == expected_anomalous
+
+    raw = await read_topic(topics, "logs.raw", frozenset({"log"}))
+    assert len(raw) == 2000
+    tags = {tag for tag in dataset.categories or [] if tag != "-"}
+    for item in raw:
+        assert set(item.envelope.body) == {"source", "line", "level", "index"}
+        assert not tags & set(item.envelope.body["line"].split())
+
+    state = tmp_path / "bgl-site" / "drain3.json"
+    assert state.is_file()
+    first = next(s for s in scores if s.envelope.body["index"] == 0)
+    restarted = LogTemplateMiner(state, n_buckets=config.logs.n_buckets)
+    assert (
+        restarted.mine(dataset.records[0]).cluster_id == first.envelope.body["detail"]["template"]
+    )
+
+
+@pytest.mark.timeout(120)
+async def test_nezha_traces_assembled_and_scored(topics: KafkaSettings, tmp_path: Path) -> None:
+    """Nezha spans become traces, each scored once with its service; evictions are counted."""
+    spans, labels = load_nezha_spans(pattern=NEZHA_WINDOW, limit=1500)
+    trace_ids = {span.trace_id for span in spans}
+    config = modality_config(
+        make_config(
+            topics,
+            edge={"max_batch_records": 300, "poll_timeout_ms": 200},
+            logs={"state_dir": str(tmp_path)},
+            traces={"timeout_s": 1.0, "max_open_traces": 1},
+        ),
+        "traces",
+    )
+
+    report = await replay_spans(topics, spans, labels, progress=False)
+    assert report.total_records == 1500
+    assert report.anomalous == int(labels.sum())
+    assert report.anomalous > 0
+
+    client = ModalityEdgeClient(config, site="nezha-site", modality="traces")
+    async with _running(client):
+        await wait_until(lambda: client.counters.scored >= len(trace_ids), timeout_s=60)
+    assert isinstance(client.pipeline, TracesPipeline)
+    counters = client.pipeline.counters()
+
+    scores = await read_topic(topics, "scores", frozenset({"score"}))
+    assert sorted(s.key for s in scores) == sorted(trace_ids)
+    assert all(s.envelope.body["modality"] == "traces" for s in scores)
+    assert all(s.envelope.body["service"].startswith("ts-") for s in scores)
+    assert counters.evicted_traces > 0
+    kept = sum(s.envelope.body["detail"]["spans"] for s in scores)
+    lost = counters.late_spans + counters.dropped_spans + counters.duplicate_spans
+    assert kept + lost == 1500
+    assert (tmp_path / "nezha-site" / "traces.msgpack").is_file()
+
+
+@pytest.mark.timeout(120)
+async def test_lstm_round_publishes_version_one(topics: KafkaSettings, tmp_path: Path) -> None:
+    """A logs client with the LSTM autoencoder sends an update; the aggregator folds it."""
+    config = _logs_config(topics, tmp_path, window_events=300)
+    await replay_logs(topics, load_log_dataset("bgl"), progress=False)
+
+    aggregator = Aggregator(config)
+    client = ModalityEdgeClient(config, site="bgl-site", modality="logs")
+    async with _running(aggregator, client):
+        await wait_until(lambda: aggregator.rounds_completed >= 1, timeout_s=60)
+    assert client.counters.updates_sent >= 1
+    assert aggregator.rejected == {}
+
+    reader = GlobalModelReader(topics, config.aggregator.model_name)
+    await reader.start()
+    try:
+        latest = await reader.catch_up()
+    finally:
+        await reader.stop()
+    assert latest is not None
+    assert latest.version >= 1
+    assert "encoder.weight_ih_l0" in latest.weights
+    assert latest.weights["encoder.weight_ih_l0"].shape[1] == config.logs.n_buckets + 2
+
+
+@pytest.mark.timeout(120)
+async def test_traces_restart_keeps_open_traces(topics: KafkaSettings, tmp_path: Path) -> None:
+    """Traces open at a stop are restored by the next client and each is scored once."""
+    spans, labels = load_nezha_spans(pattern=NEZHA_WINDOW, limit=1500)
+    trace_ids = {span.trace_id for span in spans}
+    config = modality_config(
+        make_config(
+            topics,
+            edge={"max_batch_records": 300, "poll_timeout_ms": 200},
+            logs={"state_dir": str(tmp_path)},
+            traces={"timeout_s": 600.0},
+        ),
+        "traces",
+    )
+
+    await replay_spans(topics, spans[:700], labels[:700], progress=False)
+    first = ModalityEdgeClient(config, site="nezha-site", modality="traces")
+    async with _running(first):
+        await wait_until(lambda: first.counters.consumed >= 700, timeout_s=60)
+    assert isinstance(first.pipeline, TracesPipeline)
+    open_at_stop = first.pipeline.open_traces
+    assert open_at_stop > 0
+
+    await replay_spans(topics, spans[700:], labels[700:], first_index=700, progress=False)
+    second = ModalityEdgeClient(config, site="nezha-site", modality="traces")
+    await second.start()
+    assert isinstance(second.pipeline, TracesPipeline)
+    assert second.pipeline.open_traces == open_at_stop
+    second.request_stop()
+    await second.stop()
+    second = ModalityEdgeClient(config, site="nezha-site", modality="traces")
+    async with _running(second):
+        await wait_until(lambda: second.counters.consumed >= 800, timeout_s=60)
+        await second.flush()
+    assert isinstance(second.pipeline, TracesPipeline)
+    counters = second.pipeline.counters()
+
+    scores = await read_topic(topics, "scores", frozenset({"score"}))
+    assert sorted(s.key for s in scores) == sorted(trace_ids)
+    assert counters.late_spans == 0
+    assert counters.duplicate_spans == 0
+    assert sum(s.envelope.body["detail"]["spans"] for s in scores) == 1500
