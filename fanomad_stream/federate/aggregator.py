@@ -360,7 +360,7 @@ class Aggregator:
             return reader.latest
         model_settings = self.config.model
         weights = get_weights(
-            build_model(model_settings.n_features, model_settings.hidden, model_settings.seed)
+            build_model(self.config.model_inputs, model_settings.hidden, model_settings.seed)
         )
         initial = GlobalModel(version=0, round=-1, weights=weights, clients=[])
         await self._publish(initial)
