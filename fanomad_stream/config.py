@@ -132,7 +132,7 @@ class EdgeSettings(_Section):
     # "baseline": standardized row → autoencoder error → rolling quantile threshold.
     # "context": level and first-difference features, normalized errors, EMA and SPOT
     # (``detect.pipeline.ContextPipeline``), settings in ``context``.
-    scoring: Literal["baseline", "context"] = "baseline"
+    scoring: Literal["baseline", "context"] = "context"
     context: ContextScoringSettings = ContextScoringSettings()
 
 

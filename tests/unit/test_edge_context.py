@@ -119,7 +119,9 @@ def test_context_alerts_only_after_warmup() -> None:
 
 def test_context_baseline_columns_do_not_depend_on_the_mode() -> None:
     context = _config()
-    baseline = parse_config({"model": context.model.model_dump(mode="json")})
+    baseline = parse_config(
+        {"model": context.model.model_dump(mode="json"), "edge": {"scoring": "baseline"}}
+    )
     rows = _rows(600)
     a = _stream(EdgePipeline(N_FEATURES, context.edge, context.model), rows)
     b = _stream(EdgePipeline(N_FEATURES, baseline.edge, baseline.model), rows)
@@ -198,8 +200,10 @@ def test_local_baseline_uses_the_edge_mode() -> None:
 
 
 def test_scoring_mode_is_validated() -> None:
-    assert AppConfig().edge.scoring == "baseline"
-    assert AppConfig().model_inputs == AppConfig().model.n_features
+    assert AppConfig().edge.scoring == "context"
+    assert AppConfig().model_inputs == 2 * AppConfig().model.n_features
+    baseline = parse_config({"edge": {"scoring": "baseline"}})
+    assert baseline.model_inputs == baseline.model.n_features
     with pytest.raises(ConfigError, match=r"edge\.scoring"):
         parse_config({"edge": {"scoring": "fancy"}})
     with pytest.raises(ConfigError, match=r"edge\.context\.ema_alpha"):
