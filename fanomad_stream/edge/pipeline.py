@@ -13,8 +13,8 @@ learn. The autoencoder's input rows go into the site's training window.
 - ``context``: each source runs a ``ContextPipeline`` on the shared autoencoder (level and
   first-difference features, errors normalized per feature, EMA smoothing, SPOT). Its scalers
   learn ``edge.context.warmup_rows`` rows and freeze; no alert is raised before, and SPOT
-  calibrates on the last rows of that warm-up. Each feature's error scale is refitted on the
-  source's latest rows whenever the autoencoder's weights change.
+  calibrates on the last rows of that warm-up. Each feature's error scale is refitted on those
+  calibration rows whenever the autoencoder's weights change.
 
 The HST and L2 columns come from the standardized row in both modes, so the evaluation's
 baselines do not depend on the mode.
@@ -70,12 +70,18 @@ class VersionedAutoencoder(AutoencoderDetector):
 
 @dataclass
 class ContextState:
-    """A source's context pipeline and the feature rows its error scales are fitted on."""
+    """A source's context pipeline and the feature rows its error scales are fitted on.
+
+    During the warm-up the error scales follow the latest rows (``recent``). From the end of
+    the warm-up on they are refitted on the fixed calibration rows (``reference``) only, so
+    that anomalies in the stream do not raise the scales they are measured against.
+    NOTE: an anomaly inside the calibration rows raises its columns' scales for good.
+    """
 
     pipeline: ContextPipeline
     recent: deque[np.ndarray]
+    reference: np.ndarray | None = None
     scaled_version: int = -1
-    calibrated: bool = False
 
 
 @dataclass
@@ -199,25 +205,31 @@ class EdgePipeline:
         """
         pipeline = context.pipeline
         warmed_up = pipeline.features.levels.count >= pipeline.config.warmup_rows
-        recent = np.stack(list(context.recent)) if context.recent else None
-        if recent is not None and warmed_up and not context.calibrated:
+        if context.reference is None and context.recent and warmed_up:
             # The scalers froze before this batch, so the error scales and SPOT are fitted on
             # the latest warm-up rows, as the offline harness does on a train half.
             # NOTE: those rows keep the features computed while the scalers still learned,
             # while the harness recomputes a train half's features with the final scalers.
-            pipeline.calibrate(recent[-pipeline.config.spot_warmup :])
-            context.calibrated = True
+            recent = np.stack(list(context.recent))
+            context.reference = recent[-pipeline.config.spot_warmup :]
+            context.recent.clear()
+            pipeline.calibrate(context.reference)
             context.scaled_version = self.detector.version
+        fit_rows = context.reference
+        if fit_rows is None and context.recent:
+            fit_rows = np.stack(list(context.recent))
         if (
-            recent is not None
+            fit_rows is not None
             and pipeline.config.normalize_errors
             and context.scaled_version != self.detector.version
         ):
-            pipeline.fit_error_scales(recent)
+            pipeline.fit_error_scales(fit_rows)
             context.scaled_version = self.detector.version
 
-        batch = pipeline.process(values, decide=warmed_up and context.calibrated)
-        context.recent.extend(batch.features)
+        calibrated = context.reference is not None
+        batch = pipeline.process(values, decide=calibrated)
+        if not calibrated:
+            context.recent.extend(batch.features)
         self.window.extend(batch.features)
         # A raw column's error is the sum of its level and difference errors.
         errors = pipeline.feature_errors(batch.features) / pipeline.error_scale

@@ -50,11 +50,11 @@ def _config(
 
 
 def _rows(n: int = ROWS, seed: int = 0) -> np.ndarray:
-    """Sine cycles with noise; rows 300–319 and 1100–1119 carry a level shift on 3 columns."""
+    """Sine cycles with noise; rows 50–69 and 1100–1119 carry a level shift on 3 columns."""
     rng = np.random.default_rng(seed)
     cycle = 0.1 * np.sin(np.arange(n)[:, None] / 25 + rng.uniform(0, 6, size=N_FEATURES))
     values = 0.5 + cycle + rng.normal(scale=0.02, size=cycle.shape)
-    values[300:320, :3] += 0.4
+    values[50:70, :3] += 0.4
     values[SHIFT : SHIFT + 20, :3] += 0.4
     return values.astype(np.float32)
 
@@ -108,7 +108,7 @@ def test_context_alerts_only_after_warmup() -> None:
     alert = np.concatenate([r.alert for r in results])
 
     assert np.all(np.isinf(threshold[:WARMUP]))
-    assert not alert[:WARMUP].any()  # the shift at rows 300–319 falls in the warm-up
+    assert not alert[:WARMUP].any()  # the shift at rows 50–69 falls in the warm-up
     assert np.all(np.isfinite(threshold[WARMUP:]))
     assert alert[SHIFT : SHIFT + 25].mean() > 0.5
     assert alert[WARMUP : SHIFT - 20].mean() < 0.05
@@ -134,19 +134,23 @@ def test_context_baseline_columns_do_not_depend_on_the_mode() -> None:
 
 
 def test_context_error_scales_follow_new_weights() -> None:
+    """After the warm-up, new weights refit the error scales on the calibration rows."""
     config = _config()
     edge = EdgePipeline(N_FEATURES, config.edge, config.model)
     _stream(edge, _rows()[:800])
     state = edge.sources["m"].context
     assert state is not None
     before = state.pipeline.error_scale.copy()
-    recent = np.stack(list(state.recent))
+    reference = state.reference
+    assert reference is not None
+    assert reference.shape == (SPOT_WARMUP, 2 * N_FEATURES)
 
     other = get_weights(build_model(config.model_inputs, config.model.hidden, seed=11))
     edge.detector.load_weights(other)
     edge.process("m", _rows()[800:900])
     expected = np.maximum(
-        state.pipeline.feature_errors(recent).mean(axis=0), state.pipeline.config.error_scale_floor
+        state.pipeline.feature_errors(reference).mean(axis=0),
+        state.pipeline.config.error_scale_floor,
     )
     assert np.allclose(state.pipeline.error_scale, expected)
     assert not np.allclose(state.pipeline.error_scale, before)
