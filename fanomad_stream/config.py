@@ -101,6 +101,29 @@ class ThresholdSettings(_Section):
     history: int = Field(default=5_000, ge=100)
 
 
+class ContextScoringSettings(_Section):
+    """The tuned scoring of ``edge.scoring: context``; see ``detect.pipeline.PipelineConfig``.
+
+    The scale floor is ``edge.scale_floor``; the autoencoder's layers and training come from
+    the ``model`` section.
+    """
+
+    # Rows of each source the level and difference scalers learn before they freeze. No alert
+    # is raised before; the SPOT threshold calibrates on the end of this warm-up.
+    warmup_rows: int = Field(default=20_000, ge=10)
+    # Largest absolute standardized feature passed to the autoencoder.
+    clip: float = Field(default=20.0, gt=0.0, allow_inf_nan=False)
+    # Weight of the newest score in the moving average, in (0, 1]; 1 turns smoothing off.
+    ema_alpha: float = Field(default=0.1, gt=0.0, le=1.0)
+    # Probability that a normal score exceeds the SPOT threshold, in (0, 1).
+    spot_risk: float = Field(default=3e-3, gt=0.0, lt=1.0)
+    # Scores the SPOT threshold calibrates on before it decides; its initial level is their
+    # 98th percentile, and the fit needs at least 10 scores above it.
+    spot_warmup: int = Field(default=2_000, ge=500)
+    # Divide each feature's reconstruction error by its mean on recent rows.
+    normalize_errors: bool = True
+
+
 class EdgeSettings(_Section):
     """One edge client: consume, score, alert, train in windows, publish updates."""
 
@@ -116,6 +139,11 @@ class EdgeSettings(_Section):
     score_weight_ae: float = Field(default=1.0, ge=0.0)
     scale_floor: float = Field(default=0.01, gt=0.0)
     threshold: ThresholdSettings = ThresholdSettings()
+    # "baseline": standardized row → autoencoder error → rolling quantile threshold.
+    # "context": level and first-difference features, normalized errors, EMA and SPOT
+    # (``detect.pipeline.ContextPipeline``), settings in ``context``.
+    scoring: Literal["baseline", "context"] = "context"
+    context: ContextScoringSettings = ContextScoringSettings()
 
 
 class AggregatorSettings(_Section):
@@ -260,6 +288,13 @@ class AppConfig(_Section):
     privacy: PrivacySettings = PrivacySettings()
     output_dir: Path = Path("runs/demo")
     min_global_versions: int = Field(default=3, ge=1)
+
+    @property
+    def model_inputs(self) -> int:
+        """Width of the autoencoder's input: the raw row, or twice it for context features."""
+        if self.edge.scoring == "context":
+            return 2 * self.model.n_features
+        return self.model.n_features
 
     @model_validator(mode="after")
     def _privacy_fits_the_federation(self) -> AppConfig:

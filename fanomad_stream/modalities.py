@@ -51,7 +51,10 @@ def modality_config(config: AppConfig, modality: Modality) -> AppConfig:
     aggregator = config.aggregator.model_copy(
         update={"model_name": f"{config.aggregator.model_name}-{modality}"}
     )
-    return config.model_copy(update={"model": model, "aggregator": aggregator})
+    # Context scoring (levels plus differences) belongs to the metrics pipeline only, so the
+    # other modalities' models take their featurizer's width as it is.
+    edge = config.edge.model_copy(update={"scoring": "baseline"})
+    return config.model_copy(update={"model": model, "aggregator": aggregator, "edge": edge})
 
 
 def require_mlp_for_metrics(config: AppConfig) -> None:

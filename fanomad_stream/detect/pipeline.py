@@ -86,7 +86,12 @@ class ContextPipeline:
     """Stateful scorer of one source; see the module docstring for the order of steps."""
 
     def __init__(
-        self, n_features: int, config: PipelineConfig | None = None, seed: int = 0
+        self,
+        n_features: int,
+        config: PipelineConfig | None = None,
+        seed: int = 0,
+        *,
+        detector: AutoencoderDetector | None = None,
     ) -> None:
         self.n_features = n_features
         self.config = config if config is not None else PipelineConfig()
@@ -94,14 +99,23 @@ class ContextPipeline:
         self.features = ContextFeatures(
             n_features, scale_floor=self.config.scale_floor, clip=self.config.clip
         )
-        self.detector = AutoencoderDetector(
-            self.features.n_outputs,
-            hidden=list(self.config.hidden),
-            learning_rate=self.config.learning_rate,
-            local_epochs=self.config.local_epochs,
-            batch_size=self.config.batch_size,
-            seed=seed,
-        )
+        if detector is None:
+            detector = AutoencoderDetector(
+                self.features.n_outputs,
+                hidden=list(self.config.hidden),
+                learning_rate=self.config.learning_rate,
+                local_epochs=self.config.local_epochs,
+                batch_size=self.config.batch_size,
+                seed=seed,
+            )
+        elif detector.n_features != self.features.n_outputs:
+            msg = (
+                f"the detector takes {detector.n_features} inputs, the context features of "
+                f"{n_features} columns are {self.features.n_outputs}; build it with that width"
+            )
+            raise ValueError(msg)
+        # Several sources of one site may share a detector: the model the federation averages.
+        self.detector = detector
         self.error_scale = np.ones(self.features.n_outputs)
         self.smoother = EmaSmoother(self.config.ema_alpha)
         self.threshold = SpotThreshold(
@@ -110,15 +124,22 @@ class ContextPipeline:
             depth=self.config.spot_depth,
         )
 
-    def process(self, rows: np.ndarray) -> PipelineBatch:
-        """Score a batch of raw rows (B, F) and decide alerts from past scores only."""
+    def process(self, rows: np.ndarray, *, decide: bool = True) -> PipelineBatch:
+        """Score a batch of raw rows (B, F) and decide alerts from past scores only.
+
+        With ``decide`` False every threshold is +inf and the threshold does not learn the
+        scores, for rows whose scores should not calibrate it (a warm-up).
+        """
         learn = (
             self.config.learn_during_stream or self.features.levels.count < self.config.warmup_rows
         )
         features = self.features.transform_and_learn(rows, learn_statistics=learn)
         raw = self.raw_scores(features)
         scores = self.smoother.smooth(raw)
-        thresholds = self.threshold.thresholds_for(scores)
+        if decide:
+            thresholds = self.threshold.thresholds_for(scores)
+        else:
+            thresholds = np.full(scores.shape, np.inf)
         return PipelineBatch(features, raw, scores, thresholds)
 
     def raw_scores(self, features: np.ndarray) -> np.ndarray:

@@ -4,12 +4,26 @@ Per source (machine) the pipeline keeps a streaming scaler, a HalfSpaceTrees det
 alert threshold; the autoencoder is shared by the whole site because it is the model the
 federation averages. A batch of one source goes through: standardize with the statistics from
 before the batch → score (autoencoder, HST, L2 norm) → threshold fitted on past scores →
-learn. Standardized rows go into the site's training window.
+learn. The autoencoder's input rows go into the site's training window.
+
+``edge.scoring`` picks the autoencoder score and its threshold:
+
+- ``baseline``: the autoencoder error of the standardized row, and a rolling quantile
+  threshold.
+- ``context``: each source runs a ``ContextPipeline`` on the shared autoencoder (level and
+  first-difference features, errors normalized per feature, EMA smoothing, SPOT). Its scalers
+  learn ``edge.context.warmup_rows`` rows and freeze; no alert is raised before, and SPOT
+  calibrates on the last rows of that warm-up. Each feature's error scale is refitted on those
+  calibration rows whenever the autoencoder's weights change.
+
+The HST and L2 columns come from the standardized row in both modes, so the evaluation's
+baselines do not depend on the mode.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +31,7 @@ import numpy as np
 from fanomad_stream.config import EdgeSettings, ModelSettings
 from fanomad_stream.detect.autoencoder import AutoencoderDetector, Weights
 from fanomad_stream.detect.hst import HalfSpaceTreesDetector
+from fanomad_stream.detect.pipeline import ContextPipeline, PipelineConfig
 from fanomad_stream.detect.scaling import StreamingScaler
 from fanomad_stream.detect.threshold import QuantileThreshold
 
@@ -25,12 +40,48 @@ from fanomad_stream.detect.threshold import QuantileThreshold
 class BatchResult:
     """Scores of one source's batch, aligned with its rows."""
 
-    score: np.ndarray  # the published score: autoencoder reconstruction error
+    score: np.ndarray  # the published score: reconstruction error (smoothed in context mode)
     threshold: np.ndarray
     alert: np.ndarray
     hst: np.ndarray
     l2: np.ndarray
     top_features: np.ndarray  # (B, 3) columns with the largest reconstruction error
+
+
+class VersionedAutoencoder(AutoencoderDetector):
+    """An autoencoder that counts changes of its weights through ``load_weights`` and ``train``.
+
+    Context scoring refits its error scales when the count moves. Training that writes to
+    ``model`` directly (DP-SGD) is not counted, so the scales follow it at the next
+    ``load_weights``.
+    """
+
+    version = 0
+
+    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        super().load_weights(weights)
+        self.version += 1
+
+    def train(self, x: np.ndarray) -> Weights:
+        delta = super().train(x)
+        self.version += 1
+        return delta
+
+
+@dataclass
+class ContextState:
+    """A source's context pipeline and the feature rows its error scales are fitted on.
+
+    During the warm-up the error scales follow the latest rows (``recent``). From the end of
+    the warm-up on they are refitted on the fixed calibration rows (``reference``) only, so
+    that anomalies in the stream do not raise the scales they are measured against.
+    NOTE: an anomaly inside the calibration rows raises its columns' scales for good.
+    """
+
+    pipeline: ContextPipeline
+    recent: deque[np.ndarray]
+    reference: np.ndarray | None = None
+    scaled_version: int = -1
 
 
 @dataclass
@@ -39,6 +90,7 @@ class SourceState:
     hst: HalfSpaceTreesDetector
     threshold: QuantileThreshold
     seen: int = 0
+    context: ContextState | None = None
 
 
 @dataclass
@@ -49,14 +101,15 @@ class EdgePipeline:
     edge: EdgeSettings
     model: ModelSettings
     sources: dict[str, SourceState] = field(default_factory=dict)
-    detector: AutoencoderDetector = field(init=False)
+    detector: VersionedAutoencoder = field(init=False)
     window: deque[np.ndarray] = field(init=False)
     events_since_training: int = 0
     with_hst: bool = True  # the offline local-only baseline skips it: it needs the autoencoder only
 
     def __post_init__(self) -> None:
-        self.detector = AutoencoderDetector(
-            self.n_features,
+        context = self.edge.scoring == "context"
+        self.detector = VersionedAutoencoder(
+            2 * self.n_features if context else self.n_features,
             hidden=self.model.hidden,
             learning_rate=self.model.learning_rate,
             local_epochs=self.model.local_epochs,
@@ -85,24 +138,54 @@ class EdgePipeline:
                     settings.threshold.history,
                 ),
             )
+            if settings.scoring == "context":
+                state.context = ContextState(
+                    ContextPipeline(
+                        self.n_features,
+                        self.context_config(),
+                        seed=self.model.seed,
+                        detector=self.detector,
+                    ),
+                    deque(maxlen=max(settings.window_events, settings.context.spot_warmup)),
+                )
             self.sources[name] = state
         return state
+
+    def context_config(self) -> PipelineConfig:
+        """Return the ``ContextPipeline`` settings that ``edge.context`` and ``model`` give."""
+        context = self.edge.context
+        return PipelineConfig(
+            scale_floor=self.edge.scale_floor,
+            clip=context.clip,
+            hidden=tuple(self.model.hidden),
+            local_epochs=self.model.local_epochs,
+            learning_rate=self.model.learning_rate,
+            batch_size=self.model.batch_size,
+            ema_alpha=context.ema_alpha,
+            spot_risk=context.spot_risk,
+            spot_warmup=context.spot_warmup,
+            normalize_errors=context.normalize_errors,
+            warmup_rows=context.warmup_rows,
+        )
 
     def process(self, source: str, values: np.ndarray) -> BatchResult:
         """Score a (B, F) batch of one source in arrival order, then learn from it."""
         state = self._source(source)
         z = state.scaler.transform(values)
-
-        reconstruction = self.detector.reconstruction_error(z)
-        score = reconstruction.mean(axis=1)
         hst = state.hst.score_and_learn(z) if self.with_hst else np.zeros(z.shape[0])
         l2 = np.linalg.norm(z, axis=1).astype(np.float64)
-        threshold = state.threshold.thresholds_for(score)
-        top = np.argsort(-reconstruction, axis=1)[:, :3]
+
+        if state.context is None:
+            reconstruction = self.detector.reconstruction_error(z)
+            score = reconstruction.mean(axis=1)
+            threshold = state.threshold.thresholds_for(score)
+            top = np.argsort(-reconstruction, axis=1)[:, :3]
+            self.window.extend(z)
+        else:
+            score, threshold, top = self._process_context(state.context, values)
 
         state.scaler.learn(values)
         state.seen += values.shape[0]
-        self.window.extend(z)
         self.events_since_training += values.shape[0]
         return BatchResult(
             score=score,
@@ -112,6 +195,47 @@ class EdgePipeline:
             l2=l2,
             top_features=top,
         )
+
+    def _process_context(
+        self, context: ContextState, values: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run a batch through the source's ``ContextPipeline`` and return its decisions.
+
+        Returns the scores, the thresholds and the 3 raw columns with the largest error.
+        """
+        pipeline = context.pipeline
+        warmed_up = pipeline.features.levels.count >= pipeline.config.warmup_rows
+        if context.reference is None and context.recent and warmed_up:
+            # The scalers froze before this batch, so the error scales and SPOT are fitted on
+            # the latest warm-up rows, as the offline harness does on a train half.
+            # NOTE: those rows keep the features computed while the scalers still learned,
+            # while the harness recomputes a train half's features with the final scalers.
+            recent = np.stack(list(context.recent))
+            context.reference = recent[-pipeline.config.spot_warmup :]
+            context.recent.clear()
+            pipeline.calibrate(context.reference)
+            context.scaled_version = self.detector.version
+        fit_rows = context.reference
+        if fit_rows is None and context.recent:
+            fit_rows = np.stack(list(context.recent))
+        if (
+            fit_rows is not None
+            and pipeline.config.normalize_errors
+            and context.scaled_version != self.detector.version
+        ):
+            pipeline.fit_error_scales(fit_rows)
+            context.scaled_version = self.detector.version
+
+        calibrated = context.reference is not None
+        batch = pipeline.process(values, decide=calibrated)
+        if not calibrated:
+            context.recent.extend(batch.features)
+        self.window.extend(batch.features)
+        # A raw column's error is the sum of its level and difference errors.
+        errors = pipeline.feature_errors(batch.features) / pipeline.error_scale
+        by_column = errors[:, : self.n_features] + errors[:, self.n_features :]
+        top = np.argsort(-by_column, axis=1)[:, :3]
+        return batch.scores, batch.thresholds, top
 
     def window_ready(self) -> bool:
         return self.events_since_training >= self.edge.window_events and len(self.window) > 0

@@ -7,10 +7,10 @@ sources. The baselines run in the same call on the same records:
 - ``l2``: L2 norm of the row standardized by the edge's streaming scaler;
 - ``hst``: River HalfSpaceTrees alone (the score the edge computed beside the autoencoder);
 - ``local``: the edge pipeline re-run offline on the replayed metric records, each source
-  training only its own model (no federation).
+  training only its own model (no federation), in the edge's scoring mode.
 
-Every baseline's operating threshold comes from the same online quantile rule the edge uses,
-fitted on past scores only.
+The ``local`` baseline's operating threshold is the edge pipeline's own; every other
+baseline's comes from the edge's online quantile rule. All are fitted on past scores only.
 """
 
 from __future__ import annotations
@@ -99,14 +99,27 @@ def online_decisions(scores: np.ndarray, config: AppConfig, batch: int) -> np.nd
 
 def local_only_scores(values: np.ndarray, config: AppConfig) -> np.ndarray:
     """Re-run the edge pipeline on one source without federation; return its scores."""
+    return local_only_run(values, config)[0]
+
+
+def local_only_run(values: np.ndarray, config: AppConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Re-run the edge pipeline on one source without federation; return scores and alerts.
+
+    The pipeline scores in the edge's mode (``edge.scoring``) and decides alerts with the
+    edge's own threshold, fitted on past scores only.
+    """
     pipeline = EdgePipeline(config.model.n_features, config.edge, config.model, with_hst=False)
     batch = config.edge.max_batch_records
-    out = []
+    scores, alerts = [], []
     for start in range(0, values.shape[0], batch):
-        out.append(pipeline.process("local", values[start : start + batch]).score)
+        result = pipeline.process("local", values[start : start + batch])
+        scores.append(result.score)
+        alerts.append(result.alert)
         if pipeline.window_ready():
             pipeline.train_window()
-    return np.concatenate(out) if out else np.empty(0)
+    if not scores:
+        return np.empty(0), np.empty(0, dtype=bool)
+    return np.concatenate(scores), np.concatenate(alerts)
 
 
 async def evaluate(config: AppConfig, *, with_local: bool = True) -> Evaluation:
@@ -137,8 +150,7 @@ async def evaluate(config: AppConfig, *, with_local: bool = True) -> Evaluation:
         random_scores = np.asarray(rng.random(s.score.shape[0]), dtype=np.float64)
         candidates["random"] = (random_scores, online_decisions(random_scores, config, batch))
         if source in values:
-            local = local_only_scores(values[source][s.index], config)
-            candidates["local"] = (local, online_decisions(local, config, batch))
+            candidates["local"] = local_only_run(values[source][s.index], config)
         result.per_source[source] = {
             name: evaluate_scores(y, score[labelled], decided[labelled], ks)
             for name, (score, decided) in candidates.items()

@@ -358,7 +358,11 @@ class Aggregator:
         if reader.latest is not None:
             self._log.info("global_model_resumed", version=reader.latest.version)
             return reader.latest
-        weights = initial_weights(self.config.model)
+        # In context scoring the autoencoder reads levels and differences: twice the row width.
+        model_settings = self.config.model.model_copy(
+            update={"n_features": self.config.model_inputs}
+        )
+        weights = initial_weights(model_settings)
         initial = GlobalModel(version=0, round=-1, weights=weights, clients=[])
         await self._publish(initial)
         self._log.info(

@@ -117,6 +117,44 @@ async def test_end_to_end_exact_counts(topics: KafkaSettings) -> None:
     assert max(s.envelope.body["model_version"] for s in scores) >= 1
 
 
+async def test_context_scoring_end_to_end(topics: KafkaSettings) -> None:
+    """With ``edge.scoring: context`` the federation averages the wider model, and no row of
+    the warm-up alerts."""
+    edge_settings = {
+        "window_events": 300,
+        "max_batch_records": 100,
+        "scoring": "context",
+        "context": {"warmup_rows": 500, "spot_warmup": 500},
+    }
+    config = _config(topics, edge=edge_settings)
+    edges = [EdgeClient(config, site=m, sources=[m]) for m in MACHINES]  # type: ignore[arg-type]
+    aggregator = Aggregator(config)  # type: ignore[arg-type]
+    async with _running(aggregator, *edges):
+        report = await replay_smd(topics, config.replay, progress=False)  # type: ignore[attr-defined]
+        await wait_until(
+            lambda: sum(e.counters.scored for e in edges) >= report.total_points, timeout_s=180
+        )
+        await wait_until(lambda: aggregator.rounds_completed >= 3, timeout_s=120)
+
+    assert aggregator.rejected == {}
+    globals_ = await read_topic(topics, "fl.global", frozenset({"global"}))
+    first_layer = next(iter(globals_[-1].envelope.body["weights"].values()))
+    assert 2 * 38 in first_layer.shape
+    scores = await read_topic(topics, "scores", frozenset({"score"}))
+    assert len(scores) == report.total_points
+    max_float = float(np.finfo(np.float64).max)
+    for machine in MACHINES:
+        bodies = sorted(
+            (s.envelope.body for s in scores if s.key == machine), key=lambda b: b["index"]
+        )
+        warmup = [b for b in bodies if b["index"] < 500]
+        # A batch holds at most 100 rows, so the batch after the warm-up starts before row 600.
+        later = [b for b in bodies if b["index"] >= 600]
+        assert all(b["threshold"] == max_float for b in warmup)
+        assert not any(b["alert"] for b in warmup)
+        assert all(b["threshold"] < max_float for b in later)
+
+
 async def test_malformed_records_dead_lettered(topics: KafkaSettings) -> None:
     """Each malformed record lands in the dlq with a reason; good records after them are scored."""
     config = _config(topics, replay={"machines": ["m1"]}, model={"n_features": 4})

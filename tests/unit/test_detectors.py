@@ -108,7 +108,10 @@ def test_hst_ranks_outliers_higher() -> None:
 def test_pipeline_flags_injected_spike() -> None:
     """The edge pipeline alerts on a spike after warm-up and not on the first batch."""
     config = AppConfig.model_validate(
-        {"edge": {"threshold": {"warmup_events": 100}}, "model": {"n_features": 5}}
+        {
+            "edge": {"scoring": "baseline", "threshold": {"warmup_events": 100}},
+            "model": {"n_features": 5},
+        }
     )
     pipeline = EdgePipeline(5, config.edge, config.model)
     rng = np.random.default_rng(0)
