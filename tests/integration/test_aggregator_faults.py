@@ -60,6 +60,7 @@ def _write_config(tmp_path: Path, kafka: KafkaSettings) -> Path:
     config = {
         "kafka": kafka.model_dump(mode="json"),
         "model": MODEL,
+        "edge": {"scoring": "baseline"},  # the model reads the raw row width
         "aggregator": {"quorum": len(CLIENTS), "round_deadline_s": 300, "clients": sorted(CLIENTS)},
     }
     path = tmp_path / "faults.yaml"
