@@ -2,7 +2,7 @@
 # Both create the virtual environment and fetch Kafka on first use.
 ENV := scripts/env.sh
 
-.PHONY: demo test test-slow lint bench broker-start broker-stop
+.PHONY: demo test test-slow lint bench
 
 demo:
 	$(ENV) fanomad-stream demo --config configs/demo.yaml
