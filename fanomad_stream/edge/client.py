@@ -296,6 +296,7 @@ class EdgeClient:
             body = {
                 "round": round_id,
                 "client_id": self.site,
+                "model": self.config.aggregator.model_name,
                 "n_samples": trained.n_samples,
                 "base_version": self.global_version,
                 "delta": trained.delta,

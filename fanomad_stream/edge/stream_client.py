@@ -307,6 +307,7 @@ class ModalityEdgeClient:
         body = {
             "round": round_id,
             "client_id": self.site,
+            "model": self.config.aggregator.model_name,
             "n_samples": n_samples,
             "base_version": self.global_version,
             "delta": delta,

@@ -115,6 +115,7 @@ class Aggregator:
         self._round_opened_at: float | None = None
         self._stop_recorded = False
         self.rounds_completed = 0
+        self.skipped_other_models = 0
         self.rejected: dict[str, int] = {}
         self.metrics = AggregatorMetrics()
         self._log = log.bind(model=self._model_name)
@@ -201,6 +202,10 @@ class Aggregator:
         try:
             envelope = codec.decode(record.value, expected_kinds=frozenset({"update"}))
             body = envelope.body
+            if body.get("model", self._model_name) != self._model_name:
+                # Aggregators of other models (one per modality) share fl.updates.
+                self.skipped_other_models += 1
+                return
             if self._secagg is not None:
                 raise UpdateRejectedError(
                     "secure_aggregation",

@@ -304,6 +304,7 @@ def _alert(body: dict[str, Any]) -> None:
 def _update(body: dict[str, Any]) -> None:
     _need(body, "round", _non_negative_int)
     _need(body, "client_id", _string)
+    _maybe(body, "model", _string)
     _need(body, "n_samples", _integer)
     _need(body, "base_version", _non_negative_int)
     _need(body, "delta", _weights)

@@ -222,7 +222,7 @@ async def test_malformed_records_dead_lettered(topics: KafkaSettings) -> None:
 
 
 async def test_aggregator_dead_letters_bad_updates(topics: KafkaSettings) -> None:
-    """Updates from unknown clients, with wrong shapes or no samples go to the dlq; the model stays."""
+    """Bad updates go to the dlq, another model's update is skipped, and the model stays."""
     config = _config(topics, aggregator={"quorum": 1, "clients": ["a"]})
     aggregator = Aggregator(config)  # type: ignore[arg-type]
     async with _running(aggregator):
@@ -236,6 +236,7 @@ async def test_aggregator_dead_letters_bad_updates(topics: KafkaSettings) -> Non
             dict(base, client_id="a", delta=wrong_shape),
             dict(base, client_id="a", delta=zeros, n_samples=0),
             dict(base, client_id="a", delta=zeros, round=9),
+            dict(base, client_id="a", delta=zeros, model="another-model"),
         ]
         producer = make_producer(topics)
         await producer.start()
@@ -245,7 +246,10 @@ async def test_aggregator_dead_letters_bad_updates(topics: KafkaSettings) -> Non
                 await producer.send_and_wait(topic_name(topics, "fl.updates"), value, key=b"x")
         finally:
             await producer.stop()
-        await wait_until(lambda: sum(aggregator.rejected.values()) == len(updates), timeout_s=60)
+        await wait_until(
+            lambda: sum(aggregator.rejected.values()) == len(updates) - 1, timeout_s=60
+        )
+        await wait_until(lambda: aggregator.skipped_other_models == 1, timeout_s=60)
         assert aggregator.rounds_completed == 0
         assert aggregator.model.version == 0  # type: ignore[union-attr]
 
