@@ -129,6 +129,9 @@ class EdgeSettings(_Section):
 
     group_prefix: str = "edge"
     max_batch_records: int = Field(default=500, ge=1, le=100_000)
+    # Folder for each site's small state file (<state_dir>/<site>/edge.json), which records the
+    # last round the site sent an update for; None keeps no file.
+    state_dir: Path | None = None
     # Largest array a metric record may carry; bigger records are dead-lettered unparsed.
     max_metric_values: int = Field(default=4096, ge=1, le=1_000_000)
     poll_timeout_ms: int = Field(default=500, ge=10, le=60_000)

@@ -7,9 +7,12 @@ batch is acknowledged by the broker, so a crash replays the batch instead of los
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -106,7 +109,24 @@ class EdgeClient:
             await self.secagg.start()
         if self.privacy.ledger is not None:
             self.privacy.restore_ledger(await read_ledger_records(self._kafka, self.site))
-        self._log.info("edge_started", group=group, sources=sorted(self.sources.values()))
+        self.last_update_round = self._load_last_update_round()
+        if self.last_update_round >= 0:
+            latest = await self._global.catch_up()
+            # Versions only grow within one model lineage, so an update round above the newest
+            # version means the state file belongs to another cluster or an earlier lineage.
+            if latest is None or latest.version < self.last_update_round:
+                self._log.warning(
+                    "edge_state_ignored",
+                    last_update_round=self.last_update_round,
+                    newest_version=None if latest is None else latest.version,
+                )
+                self.last_update_round = -1
+        self._log.info(
+            "edge_started",
+            group=group,
+            sources=sorted(self.sources.values()),
+            last_update_round=self.last_update_round,
+        )
 
     async def stop(self) -> None:
         """Stop consuming and close every client; safe to call more than once."""
@@ -178,6 +198,9 @@ class EdgeClient:
 
     async def _refresh_global(self) -> None:
         newer = await self._global.poll(timeout_ms=0)
+        latest = self._global.latest
+        if newer is None and latest is not None and latest.version > self.global_version:
+            newer = latest  # read ahead by catch_up() at start and not loaded yet
         if newer is None:
             return
         self.pipeline.detector.load_weights(newer.weights)
@@ -308,6 +331,7 @@ class EdgeClient:
                 topic_name(self._kafka, "fl.updates"), value=value, key=self.site.encode()
             )
         self.last_update_round = round_id
+        self._save_last_update_round()
         self.counters.updates_sent += 1
         self._log.info(
             "update_sent",
@@ -332,6 +356,32 @@ class EdgeClient:
         body = self.privacy.ledger.ledger_body()
         body.update(status="training_stopped", reason=self.privacy.training_stopped)
         await self._publish_ledger(body)
+
+    def _state_file(self) -> Path | None:
+        state_dir = self.config.edge.state_dir
+        return None if state_dir is None else state_dir / self.site / "edge.json"
+
+    def _load_last_update_round(self) -> int:
+        """Return the last round this site sent an update for, so a restart sends no second one."""
+        path = self._state_file()
+        if path is None or not path.exists():
+            return -1
+        try:
+            return int(json.loads(path.read_text())["last_update_round"])
+        except (ValueError, KeyError, TypeError) as err:
+            self._log.error("edge_state_unreadable", path=str(path), error=str(err))
+            return -1
+
+    def _save_last_update_round(self) -> None:
+        # NOTE: a crash between the send and this write can still repeat one update; the
+        # aggregator then rejects it as a duplicate for that round.
+        path = self._state_file()
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps({"last_update_round": self.last_update_round}))
+        os.replace(partial, path)
 
     async def _publish_ledger(self, body: dict[str, Any]) -> None:
         assert self._producer is not None
