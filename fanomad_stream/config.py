@@ -24,7 +24,7 @@ class _Section(BaseModel):
 
 
 class KafkaSettings(_Section):
-    """How every client connects to the cluster."""
+    """Connection and security settings shared by every Kafka client."""
 
     bootstrap_servers: str = "127.0.0.1:19092"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -59,7 +59,7 @@ class KafkaSettings(_Section):
 
 
 class ReplaySettings(_Section):
-    """Which recorded data is produced into the topics, and how fast."""
+    """Recorded data to produce into the topics, and the replay speed."""
 
     dataset: Literal["smd"] = "smd"
     data_dir: Path | None = None

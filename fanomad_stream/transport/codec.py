@@ -234,7 +234,7 @@ def _float_vector(name: str, value: object) -> None:
 
 
 def _weights(name: str, value: object) -> None:
-    """A map of parameter name to a finite float ndarray."""
+    """Check a map of parameter name to a finite float ndarray."""
     if not isinstance(value, dict) or not value:
         raise DecodeError(f"body field {name!r} must be a non-empty map of name to ndarray")
     for key, array in value.items():

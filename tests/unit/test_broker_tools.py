@@ -11,14 +11,14 @@ from fanomad_stream.errors import BrokerError
 
 
 def test_missing_maven_names_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without mvn on PATH, fetching says what to install."""
+    """Without mvn on PATH, the fetch error names the package to install."""
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(BrokerError, match=r"'mvn' was not found on PATH; install Apache Maven"):
         fetch_classpath(tmp_path / "lib")
 
 
 def test_missing_java_names_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without java on PATH, starting says what to install."""
+    """Without java on PATH, the start error names the package to install."""
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(
         BrokerError, match=r"'java' was not found on PATH; install a Java 17\+ runtime"
@@ -35,5 +35,5 @@ def test_cluster_id_format() -> None:
 
 
 def test_stop_without_broker_returns_false(tmp_path: Path) -> None:
-    """Stopping when nothing runs from the folder is a no-op that says so."""
+    """Stopping when nothing runs from the folder is a no-op that returns False."""
     assert LocalBroker(run_dir=tmp_path).stop() is False
