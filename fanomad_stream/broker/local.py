@@ -163,7 +163,7 @@ class LocalBroker:
         """Format the storage (first start only), launch the JVM and wait until it responds.
 
         Raises BrokerError when the process exits early and BrokerNotReadyError when it does
-        not answer a metadata request within ``timeout_s``; the log tail is in the message.
+        not respond to a metadata request within ``timeout_s``. The log tail is in the message.
         """
         if self.pid() is not None:
             msg = f"a broker already runs from {self.run_dir} (pid {self.pid()}); stop it first"
@@ -332,7 +332,7 @@ class LocalBroker:
             if self.is_ready(timeout_s=3.0):
                 return
             time.sleep(0.5)
-        msg = f"Kafka on {self.bootstrap_servers} did not answer within {timeout_s:.0f} s:\n"
+        msg = f"Kafka on {self.bootstrap_servers} did not respond to a metadata request within {timeout_s:.0f} s:\n"
         raise BrokerNotReadyError(msg + self.log_tail())
 
 

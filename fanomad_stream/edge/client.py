@@ -267,10 +267,10 @@ class EdgeClient:
     async def _publish(
         self, source: str, rows: list[_Row], result: BatchResult
     ) -> list[asyncio.Future[Any]]:
-        """Queue a score per row and an alert per anomaly; return their delivery futures.
+        """Queue a score per row and an alert per anomaly, and return their delivery futures.
 
         ``send`` only appends to the producer's batch, so awaiting it in order keeps the
-        records in arrival order; the returned futures resolve when the broker acknowledges.
+        records in arrival order. The returned futures resolve when the broker acknowledges.
         """
         assert self._producer is not None
         key = source.encode()

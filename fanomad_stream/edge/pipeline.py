@@ -1,7 +1,7 @@
 """The edge client's scoring and training logic, free of Kafka so it can run offline too.
 
 Per source (machine) the pipeline keeps a streaming scaler, a HalfSpaceTrees detector and an
-alert threshold; the autoencoder is shared by the whole site because it is the model the
+alert threshold. The autoencoder is shared by the whole site, because it is the model the
 federation averages. A batch of one source goes through: standardize with the statistics from
 before the batch → score (autoencoder, HST, L2 norm) → threshold fitted on past scores →
 learn. The autoencoder's input rows go into the site's training window.

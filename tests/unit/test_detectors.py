@@ -16,7 +16,7 @@ from fanomad_stream.edge.pipeline import EdgePipeline
 
 
 def test_scaler_merge_matches_pooled() -> None:
-    """A sees X, B sees Y, C sees both: A + B has C's mean and std, and numpy's."""
+    """A learns X, B learns Y, C learns both: A + B has C's mean and std, and numpy's."""
     rng = np.random.default_rng(0)
     x, y = rng.normal(3, 2, (50, 4)), rng.normal(-1, 5, (70, 4))
     a, b, c = StreamingScaler(4), StreamingScaler(4), StreamingScaler(4)
