@@ -5,7 +5,10 @@ validated before any arithmetic (kind, known client, round, n_samples > 0, param
 shapes, finite values); a rejected one goes to the dead-letter topic with its reason. A round
 closes when ``quorum`` distinct clients have been folded, or at the deadline once at least one
 has. Offsets are committed only after the round they belong to is published, so a crash
-re-reads the round's updates instead of losing them.
+re-reads the round's updates instead of losing them. Each published version carries the fold
+state between rounds (``RoundEngine.state_dict``: server optimizer moments, buffered duplicate
+keys), so a restarted aggregator resumes from the version and its state together, and an
+update read again after a crash is rejected as stale or duplicate instead of folded twice.
 
 What a fold does (strategy, buffered asynchronous rounds, client-level DP and the privacy
 ledger) lives in ``rounds.RoundEngine``; secure aggregation rounds over ``fl.control`` in
@@ -20,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from fanomad_stream.config import AppConfig
 from fanomad_stream.detect.factory import initial_weights
@@ -31,6 +34,7 @@ from fanomad_stream.federate.rounds import RoundClosed, RoundEngine
 from fanomad_stream.federate.secagg_kafka import SecAggCoordinator, SecAggOutcome
 from fanomad_stream.privacy.dp import SecureGaussian
 from fanomad_stream.privacy.ledger_records import read_ledger_records
+from fanomad_stream.service.failpoints import crash_point
 from fanomad_stream.service.metrics import AggregatorMetrics
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
@@ -129,8 +133,13 @@ class Aggregator:
         self.engine = RoundEngine(
             self.config, self.model.weights, self.model.version, noise=self._noise
         )
+        self._restore_state(self.model)
         if self.engine.ledger is not None:
-            self.engine.restore_ledger(await read_ledger_records(self._kafka, self._model_name))
+            # A ledger record is published before its version; one above the newest version
+            # belongs to a round that was never released, and that round runs again.
+            bodies = await read_ledger_records(self._kafka, self._model_name)
+            released = [b for b in bodies if int(b.get("version", 0)) <= self.model.version]
+            self.engine.restore_ledger(released)
         if self.config.privacy.secure_aggregation.enabled:
             self._secagg = SecAggCoordinator(self.config, self._producer)
             await self._secagg.start()
@@ -248,8 +257,11 @@ class Aggregator:
             n_samples=body["n_samples"],
             privacy=body.get("privacy"),
         )
+        crash_point("aggregator.folded")
         if closed is not None:
-            await self._release(closed)
+            # Records after this one in the poll batch go into the next buffer: commit up to
+            # this record only, so a crash re-reads them.
+            await self._release(closed, upto=record)
 
     def _round_due(self) -> bool:
         assert self.engine is not None
@@ -297,8 +309,12 @@ class Aggregator:
         )
         await self._close_round()
 
-    async def _release(self, closed: RoundClosed) -> None:
-        """Publish a released round, its ledger record, and commit the offsets it used."""
+    async def _release(self, closed: RoundClosed, *, upto: ConsumerRecord | None = None) -> None:
+        """Publish a released round, its ledger record, and commit the offsets it used.
+
+        With ``upto`` the commit ends at that record; without, at the consumer's position,
+        which is right when every consumed record was folded into this round or rejected.
+        """
         assert self.engine is not None and self._consumer is not None
         started = self._round_opened_at or time.monotonic()
         self.model = GlobalModel(
@@ -306,11 +322,21 @@ class Aggregator:
             round=closed.round,
             weights=closed.weights,
             clients=closed.clients,
+            state=self.engine.state_dict(),
         )
-        await self._publish(self.model)
+        # The ledger record goes first: a crash before the model is out then repeats the round,
+        # and the restart drops the record of the unreleased version instead of missing one.
         if closed.ledger is not None:
             await self._publish_ledger(closed.ledger)
-        await self._consumer.commit()
+        await self._publish(self.model)
+        crash_point("aggregator.published")
+        if upto is None:
+            await self._consumer.commit()
+        else:
+            await self._consumer.commit(
+                {TopicPartition(upto.topic, upto.partition): upto.offset + 1}
+            )
+        crash_point("aggregator.committed")
         self.rounds_completed += 1
         self.metrics.record_round(seconds=time.monotonic() - started, clients=len(closed.clients))
         self._log.info(
@@ -352,6 +378,21 @@ class Aggregator:
         assert self._producer is not None
         await publish_global(self._producer, self._kafka, self._model_name, model, ts=time.time())
 
+    def _restore_state(self, model: GlobalModel) -> None:
+        """Load the fold state published with ``model``, so folding goes on where it stopped."""
+        assert self.engine is not None
+        if model.state is None:
+            if model.version > 0:
+                self._log.warning(
+                    "aggregator_state_missing",
+                    version=model.version,
+                    hint="the version was published without fold state; server optimizer "
+                    "moments and buffered duplicate keys start empty",
+                )
+            return
+        self.engine.load_state_dict(model.state)
+        self._log.info("aggregator_state_restored", version=model.version)
+
     async def _load_or_create_global(self) -> GlobalModel:
         """Resume from the newest published version, or publish version 0 from the seed."""
         reader = GlobalModelReader(self._kafka, self._model_name)
@@ -368,7 +409,7 @@ class Aggregator:
             update={"n_features": self.config.model_inputs}
         )
         weights = initial_weights(model_settings)
-        initial = GlobalModel(version=0, round=-1, weights=weights, clients=[])
+        initial = GlobalModel(version=0, round=-1, weights=weights, clients=[], state=None)
         await self._publish(initial)
         self._log.info(
             "global_model_initialised", version=0, parameters=sum(a.size for a in weights.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -25,6 +26,9 @@ class GlobalModel:
     round: int
     weights: Weights
     clients: list[str]
+    # The aggregator's fold state after this release (``RoundEngine.state_dict``); edge
+    # clients ignore it.
+    state: dict[str, Any] | None = None
 
 
 async def publish_global(
@@ -36,12 +40,14 @@ async def publish_global(
     ts: float,
 ) -> None:
     """Write a version to ``fl.global`` keyed by the model name and wait for the broker."""
-    body = {
+    body: dict[str, Any] = {
         "round": model.round,
         "version": model.version,
         "weights": model.weights,
         "clients": model.clients,
     }
+    if model.state is not None:
+        body["aggregator_state"] = model.state
     value = codec.encode("global", body, src=model_name, ts=ts)
     await producer.send_and_wait(
         topic_name(settings, "fl.global"), value=value, key=model_name.encode()
@@ -128,4 +134,5 @@ class GlobalModelReader:
                 round=body["round"],
                 weights={name: array.copy() for name, array in body["weights"].items()},
                 clients=list(body["clients"]),
+                state=body.get("aggregator_state"),
             )

@@ -11,6 +11,11 @@
 - client-level DP: the strategy is wrapped in ``ClientLevelDP`` and every released round is
   recorded in a ``PrivacyLedger``. When the next round would exceed the ε budget,
   ``training_stopped`` holds the reason and no further round may be opened.
+
+Between two rounds, ``state_dict`` holds everything a fold after the next release depends on
+beyond the global weights: a server optimizer's moments and, in buffered mode, the keys of the
+updates already folded. The aggregator publishes it with each version, so a restarted
+aggregator folds exactly as the one it replaces would have.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from fanomad_stream.privacy.ledger_records import restore_ledger
 from fanomad_stream.privacy.strategy import ClientLevelDP
 
 log = structlog.get_logger(__name__)
+
+STATE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -217,6 +224,50 @@ class RoundEngine:
             self._check_budget()
         self._encoding_clipped = 0
         return RoundClosed(round_id, self.version, weights, clients, ledger)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the fold state between two rounds as a msgpack-friendly map.
+
+        Raises RoundError while updates are folded into the open round or buffer: their offsets
+        are not committed yet, so a restart reads them again and the state must not hold them.
+        """
+        if self.folded:
+            msg = (
+                f"cannot save the fold state with {self.folded} updates in the open round of "
+                f"version {self.version}; save it right after a release"
+            )
+            raise RoundError(msg)
+        if self.buffered is not None:
+            return {"format": STATE_FORMAT, "buffered": self.buffered.state_dict()}
+        return {"format": STATE_FORMAT, "strategy": self.strategy.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from ``state_dict`` of an engine built with the same settings.
+
+        Raises ValueError when the state is of another format, or of another mode (buffered
+        or synchronous) than this engine's config, or belongs to another model.
+        """
+        if state.get("format") != STATE_FORMAT:
+            msg = (
+                f"aggregator state format {state.get('format')!r} is not {STATE_FORMAT}; it was "
+                "written by another release of fanomad-stream"
+            )
+            raise ValueError(msg)
+        saved_mode = "buffered" if "buffered" in state else "synchronous"
+        mode = "buffered" if self.buffered is not None else "synchronous"
+        if saved_mode != mode:
+            msg = (
+                f"the saved aggregator state is of {saved_mode} rounds and this aggregator runs "
+                f"{mode} rounds; start it with the mode the state was written in, or on a new "
+                "model name"
+            )
+            raise ValueError(msg)
+        if self.buffered is not None:
+            self.buffered.load_state_dict(state["buffered"])
+            self.version = self.buffered.version
+        else:
+            self.strategy.load_state_dict(state["strategy"])
+        self.clients = []
 
     def restore_ledger(self, bodies: list[dict[str, Any]]) -> None:
         """Rebuild the ledger from the model's ``privacy.ledger`` records, then check the budget."""

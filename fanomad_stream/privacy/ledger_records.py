@@ -5,8 +5,10 @@ with DP-SGD) would start again from ε = 0 and could spend its budget a second t
 released round is on the topic as a ``ledger`` record with ``status: round`` and the noise
 multiplier, sampling rate and step count of that round, so the history can be rebuilt.
 
-NOTE: a service killed between releasing a round and publishing its ledger record loses
-that round from the rebuilt history, so ε can be undercounted by one round.
+Services publish a round's ledger record before what it accounts for (the aggregator's new
+version, the edge client's update). A service killed in between leaves a record of a round that
+was not released, which can only overcount ε. The aggregator drops records whose ``version`` is
+above its newest published version, because it releases that round again.
 """
 
 from __future__ import annotations

@@ -318,6 +318,7 @@ def _global(body: dict[str, Any]) -> None:
     _need(
         body, "clients", lambda name, value: None if isinstance(value, list) else _map(name, value)
     )
+    _maybe(body, "aggregator_state", _map)
 
 
 def _free(body: dict[str, Any]) -> None:

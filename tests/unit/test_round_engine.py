@@ -13,6 +13,7 @@ from fanomad_stream.federate.aggregate import WeightedSum, Weights, apply_delta
 from fanomad_stream.federate.rounds import RoundEngine
 from fanomad_stream.privacy.accountant import compute_epsilon
 from fanomad_stream.privacy.dp import SecureGaussian, clip_update
+from fanomad_stream.transport import codec
 
 CLIENTS = ["a", "b", "c"]
 
@@ -298,3 +299,110 @@ class TestLedgerRestore:
         loose = RoundEngine(_dp_config(epsilon_budget=100.0), _weights(0), version=2)
         loose.restore_ledger(bodies)
         assert loose.training_stopped is None
+
+
+def _through_codec(state: dict[str, object]) -> dict[str, object]:
+    """Send a fold state through the ``global`` record it travels in, as a restart reads it."""
+    body = {
+        "round": 0,
+        "version": 1,
+        "weights": _weights(0),
+        "clients": [],
+        "aggregator_state": state,
+    }
+    decoded = codec.decode(codec.encode("global", body, src="agg", ts=0.0))
+    restored: dict[str, object] = decoded.body["aggregator_state"]
+    return restored
+
+
+ADAM = {"quorum": 3, "clients": CLIENTS, "strategy": {"name": "fedadam", "eta": 0.05}}
+
+
+class TestFoldState:
+    """The state published with each version lets a restarted engine fold like the first."""
+
+    def _sync_rounds(self, engine: RoundEngine, rounds: range) -> None:
+        for round_id in rounds:
+            for i, client in enumerate(CLIENTS):
+                engine.fold(client, round_id, _weights(10 * round_id + i, 0.1), 100 * (i + 1))
+            engine.close()
+
+    def test_fedadam_restored_from_state_matches_uninterrupted_bitwise(self) -> None:
+        config = _config(aggregator=ADAM)
+        uninterrupted = RoundEngine(config, _weights(0), version=0)
+        self._sync_rounds(uninterrupted, range(4))
+
+        first = RoundEngine(config, _weights(0), version=0)
+        self._sync_rounds(first, range(2))
+        state = _through_codec(first.state_dict())
+        restarted = RoundEngine(config, first.weights, version=first.version)
+        restarted.load_state_dict(state)
+        self._sync_rounds(restarted, range(2, 4))
+
+        for name, array in uninterrupted.weights.items():
+            np.testing.assert_array_equal(restarted.weights[name], array)
+
+    def test_fedadam_without_state_drifts_from_uninterrupted(self) -> None:
+        # The moments are what the state carries: a restart from the weights alone differs.
+        config = _config(aggregator=ADAM)
+        uninterrupted = RoundEngine(config, _weights(0), version=0)
+        self._sync_rounds(uninterrupted, range(4))
+        first = RoundEngine(config, _weights(0), version=0)
+        self._sync_rounds(first, range(2))
+        fresh = RoundEngine(config, first.weights, version=first.version)
+        self._sync_rounds(fresh, range(2, 4))
+        assert not np.array_equal(fresh.weights["layer.bias"], uninterrupted.weights["layer.bias"])
+
+    def test_buffered_restart_refuses_updates_read_again(self) -> None:
+        config = _config(
+            aggregator={
+                "quorum": 1,
+                "clients": CLIENTS,
+                "buffered_async": {"buffer_size": 2, "max_staleness": 3},
+            }
+        )
+        log = [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 2), ("c", 2)]
+
+        def feed(engine: RoundEngine, records: list[tuple[str, int]]) -> list[str]:
+            outcomes = []
+            for client, base in records:
+                delta = _weights(ord(client) * 7 + base, 0.1)
+                try:
+                    closed = engine.fold(client, base, delta, 10)
+                except UpdateRejectedError as err:
+                    outcomes.append(err.reason)
+                else:
+                    outcomes.append("applied" if closed else "buffered")
+            return outcomes
+
+        uninterrupted = RoundEngine(config, _weights(0), version=0)
+        assert feed(uninterrupted, log) == ["buffered", "applied"] * 3
+
+        # Killed after publishing version 1 and before committing: a and b come again.
+        first = RoundEngine(config, _weights(0), version=0)
+        feed(first, log[:2])
+        restarted = RoundEngine(config, first.weights, version=first.version)
+        restarted.load_state_dict(_through_codec(first.state_dict()))
+        assert feed(restarted, log) == ["duplicate", "duplicate"] + ["buffered", "applied"] * 2
+        assert restarted.version == uninterrupted.version == 3
+        for name, array in uninterrupted.weights.items():
+            np.testing.assert_array_equal(restarted.weights[name], array)
+
+    def test_state_with_open_round_is_refused(self) -> None:
+        engine = RoundEngine(_config(), _weights(0), version=0)
+        engine.fold("a", 0, _weights(1, 0.1), 10)
+        with pytest.raises(RoundError, match="1 updates in the open round of version 0"):
+            engine.state_dict()
+
+    def test_state_of_other_mode_or_format_is_refused(self) -> None:
+        sync = RoundEngine(_config(), _weights(0), version=0)
+        buffered_config = _config(
+            aggregator={"quorum": 1, "clients": CLIENTS, "buffered_async": {"buffer_size": 2}}
+        )
+        buffered = RoundEngine(buffered_config, _weights(0), version=0)
+        with pytest.raises(
+            ValueError, match="synchronous rounds and this aggregator runs buffered"
+        ):
+            buffered.load_state_dict(sync.state_dict())
+        with pytest.raises(ValueError, match="format 7 is not 1"):
+            sync.load_state_dict({**sync.state_dict(), "format": 7})
