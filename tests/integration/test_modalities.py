@@ -16,6 +16,7 @@ from fanomad_stream.featurize.logs import LogTemplateMiner
 from fanomad_stream.federate.aggregator import Aggregator
 from fanomad_stream.federate.global_model import GlobalModelReader
 from fanomad_stream.modalities import modality_config
+from fanomad_stream.privacy.dp import update_norm
 from fanomad_stream.replay.streams import (
     LOGHUB_DIR,
     NEZHA_DIR,
@@ -38,7 +39,12 @@ pytestmark = [
 NEZHA_WINDOW = "fault/2023-01-29/trace/08_44_trace.csv.gz"
 
 
-def _logs_config(kafka: KafkaSettings, state_dir: Path, **edge: object) -> AppConfig:
+def _logs_config(
+    kafka: KafkaSettings,
+    state_dir: Path,
+    privacy: dict[str, object] | None = None,
+    **edge: object,
+) -> AppConfig:
     config = make_config(
         kafka,
         edge={"max_batch_records": 500, "poll_timeout_ms": 200, **edge},
@@ -47,6 +53,7 @@ def _logs_config(kafka: KafkaSettings, state_dir: Path, **edge: object) -> AppCo
             "model": {"kind": "lstm_autoencoder", "hidden": [16, 4], "window": 8, "seed": 3},
         },
         aggregator={"quorum": 1, "round_deadline_s": 20, "clients": ["bgl-site"]},
+        privacy=privacy or {},
     )
     return modality_config(config, "logs")
 
@@ -212,3 +219,38 @@ async def test_traces_restart_keeps_open_traces(topics: KafkaSettings, tmp_path:
     assert counters.late_spans == 0
     assert counters.duplicate_spans == 0
     assert sum(s.envelope.body["detail"]["spans"] for s in scores) == 1500
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+async def test_logs_updates_leave_private(topics: KafkaSettings, tmp_path: Path) -> None:
+    """A logs site trains with DP-SGD and clips its delta; the ledger and the round follow."""
+    clipping_norm = 0.05
+    privacy = {
+        "dp_sgd": {"enabled": True, "noise_multiplier": 1.1},
+        "client_dp": {"enabled": True, "clipping_norm": clipping_norm, "noise_multiplier": 0.5},
+    }
+    config = _logs_config(topics, tmp_path, privacy, window_events=300)
+    await replay_logs(topics, load_log_dataset("bgl"), progress=False)
+
+    aggregator = Aggregator(config)
+    client = ModalityEdgeClient(config, site="bgl-site", modality="logs")
+    async with _running(aggregator, client):
+        await wait_until(lambda: aggregator.rounds_completed >= 1, timeout_s=120)
+    assert aggregator.rejected == {}
+
+    updates = await read_topic(topics, "fl.updates", frozenset({"update"}))
+    assert updates
+    for update in updates:
+        body = update.envelope.body
+        assert body["privacy"]["mechanism"] == "dp-fedavg"
+        assert body["privacy"]["noise_added_by"] == "server"
+        assert body["privacy"]["dp_sgd"]["epsilon"] > 0
+        assert update_norm(body["delta"]) <= clipping_norm * (1 + 1e-5)
+
+    ledger = await read_topic(topics, "privacy.ledger", frozenset({"ledger"}))
+    site_records = [item.envelope.body for item in ledger if item.envelope.src == "bgl-site"]
+    assert len(site_records) == len(updates)
+    assert site_records[-1]["epsilon"] > 0
+    assert client.privacy.ledger is not None
+    assert client.privacy.ledger.spent_epsilon() == pytest.approx(site_records[-1]["epsilon"])
