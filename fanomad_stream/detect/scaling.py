@@ -2,12 +2,16 @@
 
 Only past rows move the statistics: a batch is transformed with the state from before it and
 learned afterwards, so a score never depends on the future. The scale floor stops columns that
-were constant so far from turning a tiny change into a z-score in the thousands.
+were constant so far from turning a tiny change into a z-score in the thousands, and the clip
+bounds what is left: a column that was 0 on every past row and then jumps to 3600 (a timeout
+in seconds) still gives 3600 / floor without it.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+DEFAULT_CLIP = 100.0
 
 
 class StreamingScaler:
@@ -19,14 +23,21 @@ class StreamingScaler:
         Width of every row.
     scale_floor
         Smallest standard deviation used to divide, in the units of the input. Must be > 0.
+    clip
+        Largest absolute standardized value ``transform`` returns, > 0. The default of 100
+        never binds on inputs in [0, 1] with the default floor of 0.01, and it keeps one
+        extreme row from dominating an autoencoder's squared-error training loss.
     """
 
-    def __init__(self, n_features: int, scale_floor: float = 0.01) -> None:
-        if scale_floor <= 0:
-            msg = f"scale_floor must be > 0, got {scale_floor!r}"
+    def __init__(
+        self, n_features: int, scale_floor: float = 0.01, clip: float = DEFAULT_CLIP
+    ) -> None:
+        if scale_floor <= 0 or not clip > 0:
+            msg = f"scale_floor and clip must be > 0, got {scale_floor!r} and {clip!r}"
             raise ValueError(msg)
         self.n_features = n_features
         self.scale_floor = scale_floor
+        self.clip = clip
         self.count = 0
         self._mean = np.zeros(n_features, dtype=np.float64)
         self._m2 = np.zeros(n_features, dtype=np.float64)
@@ -42,18 +53,24 @@ class StreamingScaler:
         return np.asarray(np.sqrt(self._m2 / (self.count - 1)))
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        """Standardize rows with the statistics seen so far (identity before any row)."""
+        """Standardize rows with the statistics seen so far, clipped to +-``clip``.
+
+        Before any row the statistics are mean 0 and scale 1, and after one row the scale is
+        still 1, so the first two rows of a source pass in their own units, up to the clip.
+        """
+        x = np.asarray(x, dtype=np.float64)
         if self.count == 0:
-            return np.asarray(x, dtype=np.float32)
+            return np.asarray(np.clip(x, -self.clip, self.clip), dtype=np.float32)
         scale = np.maximum(self.std, self.scale_floor)
-        return np.asarray((x - self._mean) / scale, dtype=np.float32)
+        z = np.clip((x - self._mean) / scale, -self.clip, self.clip)
+        return np.asarray(z, dtype=np.float32)
 
     def learn(self, x: np.ndarray) -> None:
         """Fold a batch of rows into the statistics."""
         x = np.asarray(x, dtype=np.float64)
         if x.shape[0] == 0:
             return
-        other = StreamingScaler(self.n_features, self.scale_floor)
+        other = StreamingScaler(self.n_features, self.scale_floor, self.clip)
         other.count = x.shape[0]
         other._mean = x.mean(axis=0)
         other._m2 = ((x - other._mean) ** 2).sum(axis=0)

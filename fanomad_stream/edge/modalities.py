@@ -4,7 +4,8 @@ A pipeline takes decoded records of one poll in arrival order and returns one ``
 item per scored unit: a log line (sequence models) or a closed per-source window (MLP) for
 logs, a closed trace for traces. It keeps the site's training data, and ``train_window``
 trains the shared detector on it and returns the weight delta for the federation, the same
-contract as ``EdgePipeline.train_window``.
+contract as ``EdgePipeline.train_window``. ``training_records`` returns the same data as one
+array of equal-shaped records, the input of DP-SGD.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from fanomad_stream.detect.autoencoder import AutoencoderDetector, Weights
 from fanomad_stream.detect.factory import ModelDetector, build_detector
 from fanomad_stream.detect.hst import HalfSpaceTreesDetector
 from fanomad_stream.detect.scaling import StreamingScaler
-from fanomad_stream.detect.sequence import SequenceAutoencoderDetector, StreamContext
+from fanomad_stream.detect.sequence import (
+    SequenceAutoencoderDetector,
+    StreamContext,
+    training_windows,
+)
 from fanomad_stream.detect.threshold import QuantileThreshold
 from fanomad_stream.featurize.logs import (
     LogFeaturizer,
@@ -88,6 +93,21 @@ class _Scoring:
 
     def window_ready(self) -> bool:
         return self.events_since_training >= self.edge.window_events
+
+    def _equal_windows(self, streams: list[np.ndarray]) -> np.ndarray:
+        """Cut streams into the sequence model's windows; keep the largest equal-length group.
+
+        DP-SGD samples records of one shape. Streams shorter than the window give shorter
+        windows, which are left out unless their length is the most common one.
+        """
+        assert self.sequence is not None
+        groups = training_windows(
+            streams, self.sequence.window, self.sequence.train_stride, prefixes=False
+        )
+        if not groups:
+            msg = "the training window is empty; call training_records only when window_ready()"
+            raise ValueError(msg)
+        return max(groups, key=lambda group: (group.shape[0], group.shape[1]))
 
 
 class LogsPipeline(_Scoring):
@@ -205,12 +225,22 @@ class LogsPipeline(_Scoring):
             self.events_since_training += 1
         return scored
 
-    def train_window(self) -> tuple[Weights, int]:
-        """Train on the buffered rows (per source for sequence models); return (delta, n)."""
+    def _source_streams(self) -> list[np.ndarray]:
         by_source: dict[str, list[np.ndarray]] = {}
         for source, row in self.training:
             by_source.setdefault(source, []).append(row)
-        streams = [np.stack(rows) for rows in by_source.values()]
+        return [np.stack(rows) for rows in by_source.values()]
+
+    def training_records(self) -> np.ndarray:
+        """Return the buffered rows (MLP) or their windows per source (sequence models)."""
+        streams = self._source_streams()
+        if self.sequence is not None:
+            return self._equal_windows(streams)
+        return np.concatenate(streams)
+
+    def train_window(self) -> tuple[Weights, int]:
+        """Train on the buffered rows (per source for sequence models); return (delta, n)."""
+        streams = self._source_streams()
         self.events_since_training = 0
         if self.sequence is not None:
             delta = self.sequence.train(streams)
@@ -351,6 +381,12 @@ class TracesPipeline(_Scoring):
                 "hst": hst,
             },
         )
+
+    def training_records(self) -> np.ndarray:
+        """Return the buffered trace vectors (MLP) or span-row windows (sequence models)."""
+        if self.sequence is not None:
+            return self._equal_windows(list(self.training))
+        return np.stack(list(self.training))
 
     def train_window(self) -> tuple[Weights, int]:
         """Train on the buffered traces; return (delta, number of samples)."""

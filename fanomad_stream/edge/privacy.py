@@ -9,6 +9,8 @@
   accepted cohort carries std z·C; without it, the aggregator adds the noise.
 
 The update's ``privacy`` field records which of these happened, with the norms and ε involved.
+The same steps apply to every modality: the metrics ``EdgePipeline`` and the logs and traces
+pipelines of ``edge.modalities`` (their DP-SGD records come from ``training_records``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import structlog
 
 from fanomad_stream.config import AppConfig
 from fanomad_stream.detect.autoencoder import Weights
+from fanomad_stream.edge.modalities import ModalityPipeline
 from fanomad_stream.edge.pipeline import EdgePipeline
 from fanomad_stream.privacy import settings as privacy_settings
 from fanomad_stream.privacy.accountant import PrivacyLedger, compute_epsilon
@@ -30,6 +33,8 @@ from fanomad_stream.privacy.dpsgd import train_dp_sgd
 from fanomad_stream.privacy.ledger_records import restore_ledger
 
 log = structlog.get_logger(__name__)
+
+TrainablePipeline = EdgePipeline | ModalityPipeline
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ class EdgePrivacy:
             epsilon=self.ledger.spent_epsilon(),
         )
 
-    def train(self, pipeline: EdgePipeline, *, round_id: int) -> TrainedUpdate | None:
+    def train(self, pipeline: TrainablePipeline, *, round_id: int) -> TrainedUpdate | None:
         """Train on the pipeline's window and protect the delta; None when the budget stops it."""
         if self.ledger is None:
             delta, n_samples = pipeline.train_window()
@@ -104,12 +109,15 @@ class EdgePrivacy:
         return TrainedUpdate(protected, n_samples, info, ledger)
 
     def _train_dp_sgd(
-        self, pipeline: EdgePipeline, *, round_id: int
+        self, pipeline: TrainablePipeline, *, round_id: int
     ) -> tuple[Weights, int, dict[str, Any]] | None:
         assert self.ledger is not None
         settings = self.config.privacy.dp_sgd
         model = self.config.model
-        data = np.stack(list(pipeline.window))
+        if isinstance(pipeline, EdgePipeline):
+            data = np.stack(list(pipeline.window))
+        else:
+            data = pipeline.training_records()
         pipeline.events_since_training = 0
         records = data.shape[0]
         expected_batch = min(float(model.batch_size), float(records))

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from fanomad_stream.config import AppConfig, KafkaSettings
-from fanomad_stream.edge.modalities import TracesPipeline
+from fanomad_stream.edge.modalities import LogsPipeline, TracesPipeline
 from fanomad_stream.edge.stream_client import ModalityEdgeClient
 from fanomad_stream.featurize.logs import LogTemplateMiner
 from fanomad_stream.federate.aggregator import Aggregator
 from fanomad_stream.federate.global_model import GlobalModelReader
 from fanomad_stream.modalities import modality_config
+from fanomad_stream.privacy.dp import update_norm
+from fanomad_stream.replay.logs import LogDataset
 from fanomad_stream.replay.streams import (
     LOGHUB_DIR,
     NEZHA_DIR,
@@ -24,7 +27,7 @@ from fanomad_stream.replay.streams import (
     replay_logs,
     replay_spans,
 )
-from fanomad_stream.transport.reader import read_topic
+from fanomad_stream.transport.reader import end_offsets, read_topic
 from tests.conftest import make_config, wait_until
 
 pytestmark = [
@@ -38,7 +41,12 @@ pytestmark = [
 NEZHA_WINDOW = "fault/2023-01-29/trace/08_44_trace.csv.gz"
 
 
-def _logs_config(kafka: KafkaSettings, state_dir: Path, **edge: object) -> AppConfig:
+def _logs_config(
+    kafka: KafkaSettings,
+    state_dir: Path,
+    privacy: dict[str, object] | None = None,
+    **edge: object,
+) -> AppConfig:
     config = make_config(
         kafka,
         edge={"max_batch_records": 500, "poll_timeout_ms": 200, **edge},
@@ -47,6 +55,7 @@ def _logs_config(kafka: KafkaSettings, state_dir: Path, **edge: object) -> AppCo
             "model": {"kind": "lstm_autoencoder", "hidden": [16, 4], "window": 8, "seed": 3},
         },
         aggregator={"quorum": 1, "round_deadline_s": 20, "clients": ["bgl-site"]},
+        privacy=privacy or {},
     )
     return modality_config(config, "logs")
 
@@ -212,3 +221,77 @@ async def test_traces_restart_keeps_open_traces(topics: KafkaSettings, tmp_path:
     assert counters.late_spans == 0
     assert counters.duplicate_spans == 0
     assert sum(s.envelope.body["detail"]["spans"] for s in scores) == 1500
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+async def test_logs_updates_leave_private(topics: KafkaSettings, tmp_path: Path) -> None:
+    """A logs site trains with DP-SGD and clips its delta; the ledger and the round follow."""
+    clipping_norm = 0.05
+    privacy = {
+        "dp_sgd": {"enabled": True, "noise_multiplier": 1.1},
+        "client_dp": {"enabled": True, "clipping_norm": clipping_norm, "noise_multiplier": 0.5},
+    }
+    config = _logs_config(topics, tmp_path, privacy, window_events=300)
+    await replay_logs(topics, load_log_dataset("bgl"), progress=False)
+
+    aggregator = Aggregator(config)
+    client = ModalityEdgeClient(config, site="bgl-site", modality="logs")
+    async with _running(aggregator, client):
+        await wait_until(lambda: aggregator.rounds_completed >= 1, timeout_s=120)
+    assert aggregator.rejected == {}
+
+    updates = await read_topic(topics, "fl.updates", frozenset({"update"}))
+    assert updates
+    for update in updates:
+        body = update.envelope.body
+        assert body["privacy"]["mechanism"] == "dp-fedavg"
+        assert body["privacy"]["noise_added_by"] == "server"
+        assert body["privacy"]["dp_sgd"]["epsilon"] > 0
+        assert update_norm(body["delta"]) <= clipping_norm * (1 + 1e-5)
+
+    ledger = await read_topic(topics, "privacy.ledger", frozenset({"ledger"}))
+    site_records = [item.envelope.body for item in ledger if item.envelope.src == "bgl-site"]
+    assert len(site_records) == len(updates)
+    assert site_records[-1]["epsilon"] > 0
+    assert client.privacy.ledger is not None
+    assert client.privacy.ledger.spent_epsilon() == pytest.approx(site_records[-1]["epsilon"])
+
+
+@pytest.mark.timeout(180)
+async def test_logs_restart_keeps_template_ids(topics: KafkaSettings, tmp_path: Path) -> None:
+    """A restarted site continues the drain3 ids of its first run, as one run would assign."""
+    # One source keeps every line in one partition, so the client mines in file order.
+    records = [replace(r, source="bgl") for r in load_log_dataset("bgl").records]
+    config = _logs_config(topics, tmp_path, window_events=100_000)
+    halves = [LogDataset("bgl", records[:1000]), LogDataset("bgl", records[1000:])]
+    uninterrupted = LogTemplateMiner(None, n_buckets=config.logs.n_buckets)
+    expected = [[uninterrupted.mine(r).cluster_id for r in half.records] for half in halves]
+
+    await replay_logs(topics, halves[0], progress=False)
+    first = ModalityEdgeClient(config, site="bgl-site", modality="logs")
+    async with _running(first):
+        await wait_until(lambda: first.counters.scored >= 1000, timeout_s=60)
+    assert isinstance(first.pipeline, LogsPipeline)
+    templates_at_stop = first.pipeline.featurizer.miner.template_count
+    first_run_end = await end_offsets(topics, "scores")
+
+    await replay_logs(topics, halves[1], progress=False)
+    second = ModalityEdgeClient(config, site="bgl-site", modality="logs")
+    assert isinstance(second.pipeline, LogsPipeline)
+    assert second.pipeline.featurizer.miner.template_count == templates_at_stop
+    async with _running(second):
+        await wait_until(lambda: second.counters.scored >= 1000, timeout_s=60)
+    assert first.counters.scored == 1000
+
+    # Each half's replay numbers its lines from 0; the score offsets tell the runs apart.
+    scores = await read_topic(topics, "scores", frozenset({"score"}))
+    assert len(scores) == 2000
+    observed: list[dict[int, int]] = [{}, {}]
+    for score in scores:
+        run = 0 if score.offset < first_run_end[score.partition] else 1
+        body = score.envelope.body
+        observed[run][body["index"]] = body["detail"]["template"]
+    for run in (0, 1):
+        assert [observed[run][i] for i in range(1000)] == expected[run]
+    assert set(expected[1]) & set(expected[0])  # the second half reuses first-half ids

@@ -33,8 +33,8 @@ def test_scaler_uses_only_past_rows() -> None:
     """transform() of a batch depends on earlier rows only, not on the batch itself."""
     scaler = StreamingScaler(1, scale_floor=1e-6)
     scaler.learn(np.array([[0.0], [2.0]]))
-    z = scaler.transform(np.array([[1000.0]]))
-    assert z[0, 0] == pytest.approx((1000.0 - 1.0) / math.sqrt(2.0))
+    z = scaler.transform(np.array([[100.0]]))
+    assert z[0, 0] == pytest.approx((100.0 - 1.0) / math.sqrt(2.0))
 
 
 def test_scaler_floor_limits_constant_columns() -> None:
@@ -42,6 +42,28 @@ def test_scaler_floor_limits_constant_columns() -> None:
     scaler = StreamingScaler(1, scale_floor=0.5)
     scaler.learn(np.ones((10, 1)))
     assert scaler.transform(np.array([[2.0]]))[0, 0] == pytest.approx(2.0)
+
+
+def test_scaler_clips_first_rows_in_raw_units() -> None:
+    """The first two rows, without a standard deviation yet, stay within the clip."""
+    scaler = StreamingScaler(2, clip=100.0)
+    row = np.array([[2.5e6, 50.0]])
+    np.testing.assert_allclose(scaler.transform(row), [[100.0, 50.0]])
+    scaler.learn(row)
+    np.testing.assert_allclose(scaler.transform(row * 2), [[100.0, 50.0]])
+
+
+def test_scaler_clips_standardized_values() -> None:
+    """A jump in a column that was constant is clipped, both ways."""
+    scaler = StreamingScaler(1, scale_floor=0.01, clip=100.0)
+    scaler.learn(np.zeros((20, 1)))
+    z = scaler.transform(np.array([[3600.0], [-3600.0], [0.5]]))
+    np.testing.assert_allclose(z[:, 0], [100.0, -100.0, 50.0])
+
+
+def test_scaler_rejects_nonpositive_clip() -> None:
+    with pytest.raises(ValueError, match="clip"):
+        StreamingScaler(1, clip=0.0)
 
 
 def test_threshold_warmup_then_past_quantile() -> None:
