@@ -217,6 +217,12 @@ class LocalBroker:
 
     def is_ready(self, timeout_s: float = 5.0) -> bool:
         """Return True when the broker responds to a metadata request."""
+        # Until the port accepts connections, aiokafka would log a connection error per try.
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                pass
+        except OSError:
+            return False
         try:
             asyncio.run(_describe_cluster(self.bootstrap_servers, timeout_s))
         except Exception:  # any failure means "not ready"; the caller decides what to do
