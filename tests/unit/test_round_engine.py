@@ -327,33 +327,32 @@ class TestFoldState:
                 engine.fold(client, round_id, _weights(10 * round_id + i, 0.1), 100 * (i + 1))
             engine.close()
 
-    def test_fedadam_restored_from_state_matches_uninterrupted_bitwise(self) -> None:
+    def _restart_after_two_rounds(self, *, with_state: bool) -> tuple[RoundEngine, RoundEngine]:
+        """Return an engine run for 4 rounds and one restarted after round 2, then run to 4."""
         config = _config(aggregator=ADAM)
         uninterrupted = RoundEngine(config, _weights(0), version=0)
         self._sync_rounds(uninterrupted, range(4))
 
         first = RoundEngine(config, _weights(0), version=0)
         self._sync_rounds(first, range(2))
-        state = _through_codec(first.state_dict())
         restarted = RoundEngine(config, first.weights, version=first.version)
-        restarted.load_state_dict(state)
+        if with_state:
+            restarted.load_state_dict(_through_codec(first.state_dict()))
         self._sync_rounds(restarted, range(2, 4))
+        return uninterrupted, restarted
 
+    def test_fedadam_restart_matches_bitwise(self) -> None:
+        uninterrupted, restarted = self._restart_after_two_rounds(with_state=True)
         for name, array in uninterrupted.weights.items():
             np.testing.assert_array_equal(restarted.weights[name], array)
 
-    def test_fedadam_without_state_drifts_from_uninterrupted(self) -> None:
+    def test_fedadam_restart_without_state_drifts(self) -> None:
         # The moments are what the state carries: a restart from the weights alone differs.
-        config = _config(aggregator=ADAM)
-        uninterrupted = RoundEngine(config, _weights(0), version=0)
-        self._sync_rounds(uninterrupted, range(4))
-        first = RoundEngine(config, _weights(0), version=0)
-        self._sync_rounds(first, range(2))
-        fresh = RoundEngine(config, first.weights, version=first.version)
-        self._sync_rounds(fresh, range(2, 4))
-        assert not np.array_equal(fresh.weights["layer.bias"], uninterrupted.weights["layer.bias"])
+        uninterrupted, restarted = self._restart_after_two_rounds(with_state=False)
+        bias = "layer.bias"
+        assert not np.array_equal(restarted.weights[bias], uninterrupted.weights[bias])
 
-    def test_buffered_restart_refuses_updates_read_again(self) -> None:
+    def test_buffered_restart_rejects_redelivered_updates(self) -> None:
         config = _config(
             aggregator={
                 "quorum": 1,
@@ -388,13 +387,13 @@ class TestFoldState:
         for name, array in uninterrupted.weights.items():
             np.testing.assert_array_equal(restarted.weights[name], array)
 
-    def test_state_with_open_round_is_refused(self) -> None:
+    def test_state_with_open_round_raises(self) -> None:
         engine = RoundEngine(_config(), _weights(0), version=0)
         engine.fold("a", 0, _weights(1, 0.1), 10)
         with pytest.raises(RoundError, match="1 updates in the open round of version 0"):
             engine.state_dict()
 
-    def test_state_of_other_mode_or_format_is_refused(self) -> None:
+    def test_state_of_other_mode_raises(self) -> None:
         sync = RoundEngine(_config(), _weights(0), version=0)
         buffered_config = _config(
             aggregator={"quorum": 1, "clients": CLIENTS, "buffered_async": {"buffer_size": 2}}
