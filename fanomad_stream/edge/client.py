@@ -189,6 +189,14 @@ class EdgeClient:
             await asyncio.wait_for(closing, timeout_s)
         except TimeoutError:
             self._log.error("kafka_client_close_timed_out", client=name, timeout_s=timeout_s)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # NOTE: aiokafka 0.14.0's Fetcher.close() awaits the fetch tasks it has just
+            # cancelled without catching CancelledError, so a consumer whose broker is down
+            # can raise it from stop(). The consumer is marked closed before that point.
+            self._log.error("kafka_client_close_failed", client=name, error="CancelledError")
 
     async def __aenter__(self) -> EdgeClient:
         await self.start()
