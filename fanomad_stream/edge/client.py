@@ -125,7 +125,7 @@ class EdgeClient:
         # Held while the pipeline state or ``positions`` change, so that a rebalance and a
         # checkpoint never see half a batch or half a training window.
         self._state_lock = asyncio.Lock()
-        # False while the pipeline holds records or training that ``positions`` do not cover yet.
+        # False while the pipeline contains records or training that ``positions`` do not cover.
         self._state_in_sync = True
         self._state_changed = False
         self._checkpointed_at = time.monotonic()
@@ -161,8 +161,9 @@ class EdgeClient:
     async def stop(self) -> None:
         """Checkpoint, stop consuming and close every client; safe to call more than once.
 
-        Each Kafka client gets ``edge.stop_timeout_s`` to close, so a broker that is down
-        cannot hold the stop; a client that times out is left to the process exit.
+        The wait for the state lock and the close of each Kafka client take at most
+        ``edge.stop_timeout_s`` each, so a broker that is down cannot block the stop. A client
+        that times out is left to the process exit.
         """
         self._stopping.set()
         await self._checkpoint_on_stop()
@@ -211,7 +212,7 @@ class EdgeClient:
     async def run(self) -> None:
         """Score until ``request_stop`` is called.
 
-        A stop request lets the step in progress finish for up to ``edge.stop_timeout_s``; a
+        A stop request lets the step in progress finish for up to ``edge.stop_timeout_s``. A
         step still blocked after that (for example on a broker that is down) is cancelled, and
         its batch is read again after a restart.
         """
@@ -325,7 +326,8 @@ class EdgeClient:
         latest = self._global.latest
         if newer is None and latest is not None and latest.version > self.global_version:
             newer = latest  # read ahead by catch_up() at start and not loaded yet
-        if newer is None:
+        if newer is None or newer.version <= self.global_version:
+            # A restored checkpoint already contains this version, possibly trained further.
             return
         self.pipeline.detector.load_weights(newer.weights)
         self.global_version = newer.version
@@ -618,7 +620,7 @@ class EdgeClient:
         }
 
     async def _update_was_sent(self, round_id: int) -> bool:
-        """Return True when ``fl.updates`` holds this site's update for ``round_id``."""
+        """Return True when ``fl.updates`` contains this site's update for ``round_id``."""
         updates = await read_topic(self._kafka, "fl.updates", frozenset({"update"}))
         found = any(
             update.key == self.site
@@ -639,7 +641,7 @@ class EdgeClient:
         )
 
     async def _write_checkpoint(self) -> None:
-        """Write the checkpoint; the caller holds ``_state_lock`` so nothing changes meanwhile."""
+        """Write the checkpoint. The caller has acquired ``_state_lock``, so nothing changes meanwhile."""
         folder = self._site_folder()
         assert folder is not None and self._checkpoint_lock is not None
         checkpoint = EdgeCheckpoint(
@@ -686,8 +688,8 @@ class EdgeClient:
             self._state_lock.release()
 
     async def _on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        # Waiting for the lock lets the batch in progress finish; its offsets are committed
-        # while this process is still in the group generation that owns them.
+        # Waiting for the lock lets the batch in progress finish. Its offsets are then committed
+        # while this process is still a member of the generation that owns them.
         async with self._state_lock:
             if revoked and self._consumer is not None:
                 await self._commit(revoked)

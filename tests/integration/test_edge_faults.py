@@ -2,9 +2,9 @@
 
 The edge client runs as ``fanomad-stream edge`` in a subprocess, next to an aggregator in the
 test process, while a paced SMD replay feeds ``metrics.raw``. The checks are the guarantees of
-the edge checkpoint: every replayed row is scored at least once, the site sends at most one
-update per round, the aggregator folds each (client, round) once, and a restarted client
-resumes from its checkpoint instead of warming up again.
+the edge checkpoint. Every replayed row is scored at least once, and the site sends at most one
+update per round, which the aggregator folds once. A restarted client resumes from its
+checkpoint instead of warming up again.
 """
 
 from __future__ import annotations
@@ -231,9 +231,9 @@ async def test_killed_edge_resumes_from_checkpoint(tmp_path: Path, topics: Kafka
     """Two SIGKILLs of the edge process: no row unscored, no round sent twice, no new warm-up.
 
     The final global model is not compared with an uninterrupted run, because it depends on
-    timing even without kills. A client trains when its window is full at the end of a poll,
-    so the poll batch boundaries decide which rows form each window and which global version
-    the client holds, and both follow the arrival times of records and models.
+    timing even without kills. A client trains when its window is full at the end of a poll.
+    So the poll batch boundaries decide which rows form each window and which global version
+    the client trains on, and both depend on when records and models arrive.
     """
     await _run_edge_kill_trial(tmp_path, topics, kills=2, seed=5)
 
@@ -343,7 +343,8 @@ async def test_stop_returns_while_broker_down(
 ) -> None:
     """With the broker killed mid-stream, run() and stop() return, and the state is kept.
 
-    The 60 s bounds only guard against a hang; the client's own bound is 4 × stop_timeout_s.
+    The 60 s bounds only guard against a hang. The client's own bound is stop_timeout_s for
+    the step, then stop_timeout_s for the state lock and for each of its three Kafka clients.
     """
     config = await _dedicated_config(dedicated_broker, tmp_path)
     client = EdgeClient(config, site=SITE, sources=MACHINES)
