@@ -129,9 +129,18 @@ class EdgeSettings(_Section):
 
     group_prefix: str = "edge"
     max_batch_records: int = Field(default=500, ge=1, le=100_000)
-    # Folder for each site's small state file (<state_dir>/<site>/edge.json), which records the
-    # last round the site sent an update for; None keeps no file.
+    # Folder of each site's local state (<state_dir>/<site>/): edge.json records the last round
+    # the site sent an update for, checkpoint.bin the scoring state and the offsets it covers.
+    # It must be writable by the service user only, because the checkpoint is a pickle.
+    # None keeps no state, so a restarted client warms up again.
     state_dir: Path | None = None
+    # Seconds between two checkpoints of the scoring state. One is written after a successful
+    # commit once this much time has passed, and one on a clean stop.
+    checkpoint_interval_s: float = Field(default=60.0, gt=0.0, le=86_400.0, allow_inf_nan=False)
+    # Seconds stop() waits for the batch in progress, and then for each Kafka client to close.
+    # Past it the batch is abandoned (its records are read again after a restart) and the
+    # client is closed without waiting, for example while the broker is down.
+    stop_timeout_s: float = Field(default=15.0, gt=0.0, le=600.0, allow_inf_nan=False)
     # Largest array a metric record may carry; bigger records are dead-lettered unparsed.
     max_metric_values: int = Field(default=4096, ge=1, le=1_000_000)
     poll_timeout_ms: int = Field(default=500, ge=10, le=60_000)

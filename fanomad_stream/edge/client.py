@@ -2,26 +2,50 @@
 
 Delivery is at-least-once: offsets are committed only after every score and alert of the
 batch is acknowledged by the broker, so a crash replays the batch instead of losing it.
+
+With ``edge.state_dir`` set, the client checkpoints its scoring state together with the next
+offset of every partition that state has read (``edge.checkpoint``). A restarted client
+restores the state and resumes each of those partitions at the checkpoint's offset, so every
+record is folded into the state once and the records after the checkpoint are scored again.
+The same offsets are sought after a rebalance. Partitions the state has not read start from
+the group's committed offsets.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
+import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
+from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from fanomad_stream.config import AppConfig
+from fanomad_stream.edge.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointLock,
+    CheckpointRejectedError,
+    EdgeCheckpoint,
+    read_checkpoint,
+    state_fingerprint,
+    write_checkpoint,
+)
 from fanomad_stream.edge.pipeline import BatchResult, EdgePipeline
 from fanomad_stream.edge.privacy import EdgePrivacy, TrainedUpdate
+from fanomad_stream.edge.site_state import SiteState, read_site_state, write_site_state
 from fanomad_stream.errors import DecodeError
 from fanomad_stream.federate.global_model import GlobalModelReader
 from fanomad_stream.federate.secagg_kafka import SecAggParticipant
@@ -30,10 +54,12 @@ from fanomad_stream.privacy.secagg.encoding import flatten_update
 from fanomad_stream.service.metrics import EdgeMetrics
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
+from fanomad_stream.transport.reader import read_topic
 
 log = structlog.get_logger(__name__)
 
 METRIC_KINDS = frozenset({"metric"})
+SITE_STATE_FILE = "edge.json"
 
 
 @dataclass
@@ -94,56 +120,84 @@ class EdgeClient:
         self.privacy = EdgePrivacy(config, site)
         self.secagg: SecAggParticipant | None = None
         self._stop_recorded = False
+        # Next offset to read of every partition whose records the pipeline state has folded in.
+        self.positions: dict[TopicPartition, int] = {}
+        # Held while the pipeline state or ``positions`` change, so that a rebalance and a
+        # checkpoint never see half a batch or half a training window.
+        self._state_lock = asyncio.Lock()
+        # False while the pipeline contains records or training that ``positions`` do not cover.
+        self._state_in_sync = True
+        self._state_changed = False
+        self._checkpointed_at = time.monotonic()
+        self._checkpoint_lock: CheckpointLock | None = None
+        self.restored_checkpoint: EdgeCheckpoint | None = None
 
     async def start(self) -> None:
         assert self._producer is None, "EdgeClient.start() called twice"
         self._producer = make_producer(self._kafka)
         await self._producer.start()
         self._dead = DeadLetters(self._producer, self._kafka, src=self.site)
-        group = f"{self.config.edge.group_prefix}-{self.site}"
-        self._consumer = make_consumer(self._kafka, "metrics.raw", group_id=group)
-        await self._consumer.start()
         await self._global.start()
         if self.config.privacy.secure_aggregation.enabled:
             self.secagg = SecAggParticipant(self.config, self.site, self._producer)
             await self.secagg.start()
         if self.privacy.ledger is not None:
             self.privacy.restore_ledger(await read_ledger_records(self._kafka, self.site))
-        self.last_update_round = self._load_last_update_round()
-        if self.last_update_round >= 0:
-            latest = await self._global.catch_up()
-            # Versions only grow within one model lineage, so an update round above the newest
-            # version means the state file belongs to another cluster or an earlier lineage.
-            if latest is None or latest.version < self.last_update_round:
-                self._log.warning(
-                    "edge_state_ignored",
-                    last_update_round=self.last_update_round,
-                    newest_version=None if latest is None else latest.version,
-                )
-                self.last_update_round = -1
+        await self._load_state()
+        # The state and ``positions`` are in place before the first assignment seeks to them.
+        group = f"{self.config.edge.group_prefix}-{self.site}"
+        self._consumer = make_consumer(self._kafka, group_id=group)
+        await self._consumer.start()
+        self._consumer.subscribe([self._metrics_topic], listener=_RebalanceListener(self))
         self._log.info(
             "edge_started",
             group=group,
             sources=sorted(self.sources.values()),
             last_update_round=self.last_update_round,
+            global_version=self.global_version,
+            checkpoint_restored=self.restored_checkpoint is not None,
         )
 
     async def stop(self) -> None:
-        """Stop consuming and close every client; safe to call more than once."""
+        """Checkpoint, stop consuming and close every client; safe to call more than once.
+
+        The wait for the state lock and the close of each Kafka client take at most
+        ``edge.stop_timeout_s`` each, so a broker that is down cannot block the stop. A client
+        that times out is left to the process exit.
+        """
         self._stopping.set()
+        await self._checkpoint_on_stop()
         if self._consumer is not None:
-            await self._consumer.stop()
+            await self._close("consumer", self._consumer.stop())
             self._consumer = None
         if self.secagg is not None:
-            await self.secagg.stop()
+            await self._close("secagg", self.secagg.stop())
             self.secagg = None
-        await self._global.stop()
+        await self._close("global_model_reader", self._global.stop())
         if self._producer is not None:
-            await self._producer.stop()
+            await self._close("producer", self._producer.stop())
             self._producer = None
             self._log.info(
                 "edge_stopped", scored=self.counters.scored, updates=self.counters.updates_sent
             )
+        if self._checkpoint_lock is not None:
+            self._checkpoint_lock.release()
+            self._checkpoint_lock = None
+
+    async def _close(self, name: str, closing: Awaitable[None]) -> None:
+        timeout_s = self.config.edge.stop_timeout_s
+        try:
+            await asyncio.wait_for(closing, timeout_s)
+        except TimeoutError:
+            self._log.error("kafka_client_close_timed_out", client=name, timeout_s=timeout_s)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # NOTE: aiokafka 0.14.0's Fetcher.close() awaits the fetch tasks it has just
+            # cancelled without catching CancelledError, so a consumer whose broker is down
+            # can raise it from stop(). The consumer is marked closed before that point.
+            self._log.error("kafka_client_close_failed", client=name, error="CancelledError")
 
     async def __aenter__(self) -> EdgeClient:
         await self.start()
@@ -156,44 +210,115 @@ class EdgeClient:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Score until ``request_stop`` is called."""
+        """Score until ``request_stop`` is called.
+
+        A stop request lets the step in progress finish for up to ``edge.stop_timeout_s``. A
+        step still blocked after that (for example on a broker that is down) is cancelled, and
+        its batch is read again after a restart.
+        """
         assert self._consumer is not None, "EdgeClient.start() was not called"
         while not self._stopping.is_set():
-            await self.step()
+            step = asyncio.create_task(self.step())
+            try:
+                await self._wait_for_step(step)
+            finally:
+                if not step.done():
+                    step.cancel()
+            if not step.cancelled():
+                step.result()
+
+    async def _wait_for_step(self, step: asyncio.Task[int]) -> None:
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({step, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if step.done():
+            return
+        timeout_s = self.config.edge.stop_timeout_s
+        await asyncio.wait({step}, timeout=timeout_s)
+        if step.done():
+            return
+        self._log.error("edge_step_abandoned", timeout_s=timeout_s)
+        step.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await step
 
     async def step(self) -> int:
         """Handle one poll: returns the number of records consumed."""
         assert self._consumer is not None
-        await self._refresh_global()
+        async with self._state_lock:
+            await self._refresh_global()
         batches = await self._consumer.getmany(
             timeout_ms=self.config.edge.poll_timeout_ms,
             max_records=self.config.edge.max_batch_records,
         )
         consumed = sum(len(records) for records in batches.values())
+        async with self._state_lock:
+            committed = consumed > 0 and await self._handle_batch(batches)
+            if committed and self._checkpoint_due():
+                await self._write_checkpoint()
+            if self.secagg is not None:
+                await self.secagg.poll()
+            if self.pipeline.window_ready() and self._may_train():
+                await self._train_and_send()
 
+        self.counters.consumed += consumed
+        self.metrics.record_consumed(consumed)
+        with contextlib.suppress(IllegalStateError):  # a partition revoked since the poll
+            await self.metrics.record_lag(self._consumer)
+        return consumed
+
+    async def _handle_batch(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> bool:
+        """Score and publish a batch, then commit its offsets; return True if the commit worked."""
+        self._state_in_sync = False
         rows = await self._decode(batches)
         deliveries = await self._score_and_publish(rows)
         await asyncio.gather(*deliveries)
 
         # At-least-once: offsets move only after every score, alert and dead letter is acked.
-        if consumed:
-            await self._consumer.commit()
-            self.counters.consumed += consumed
+        for tp, records in batches.items():
+            if records:
+                self.positions[tp] = records[-1].offset + 1
+        self._state_in_sync = True
+        self._state_changed = True
+        return await self._commit(batches)
 
-        self.metrics.record_consumed(consumed)
-        await self.metrics.record_lag(self._consumer)
+    async def _commit(self, partitions: Collection[TopicPartition]) -> bool:
+        """Commit ``positions`` of the given partitions that are still assigned.
 
-        if self.secagg is not None:
-            await self.secagg.poll()
-        if self.pipeline.window_ready() and self._may_train():
-            await self._train_and_send()
-        return consumed
+        A rebalance can take partitions away between the poll and the commit. The commit then
+        fails, the new owner reads those records again, and this client goes on.
+        """
+        assert self._consumer is not None
+        assigned = self._consumer.assignment()
+        offsets = {
+            tp: self.positions[tp] for tp in partitions if tp in assigned and tp in self.positions
+        }
+        if not offsets:
+            return False
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as err:
+            self._log.warning(
+                "commit_failed",
+                error=str(err),
+                partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in offsets),
+            )
+            return False
+        return True
 
     def _may_train(self) -> bool:
         if self.privacy.training_stopped is not None:
             return False
         if self.secagg is not None:
             return self.secagg.wants_update(self.global_version)
+        if self.global_version <= self.last_update_round:
+            return False
+        # Another process of the site may have sent this round's update since the last look.
+        self.last_update_round = max(
+            self.last_update_round, self._read_site_state().last_update_round
+        )
         return self.global_version > self.last_update_round
 
     async def _refresh_global(self) -> None:
@@ -201,10 +326,12 @@ class EdgeClient:
         latest = self._global.latest
         if newer is None and latest is not None and latest.version > self.global_version:
             newer = latest  # read ahead by catch_up() at start and not loaded yet
-        if newer is None:
+        if newer is None or newer.version <= self.global_version:
+            # A restored checkpoint already contains this version, possibly trained further.
             return
         self.pipeline.detector.load_weights(newer.weights)
         self.global_version = newer.version
+        self._state_changed = True
         self._log.info(
             "global_model_loaded",
             version=newer.version,
@@ -307,7 +434,12 @@ class EdgeClient:
         if latest is not None:
             self.pipeline.detector.load_weights(latest.weights)
         round_id = self.global_version
+        # Training runs in a worker thread that a cancelled step does not stop, so the state
+        # counts as out of sync until the thread has returned here.
+        self._state_in_sync = False
         trained = await asyncio.to_thread(self.privacy.train, self.pipeline, round_id=round_id)
+        self._state_in_sync = True
+        self._state_changed = True
         if trained is None:
             await self._record_training_stop()
             return
@@ -327,11 +459,12 @@ class EdgeClient:
                 "train_loss": self.pipeline.detector.last_loss,
             }
             value = codec.encode("update", body, src=self.site, ts=time.time())
+            self._write_site_state(SiteState(self.last_update_round, sending_round=round_id))
             await self._producer.send_and_wait(
                 topic_name(self._kafka, "fl.updates"), value=value, key=self.site.encode()
             )
         self.last_update_round = round_id
-        self._save_last_update_round()
+        self._write_site_state(SiteState(round_id))
         self.counters.updates_sent += 1
         self._log.info(
             "update_sent",
@@ -357,31 +490,226 @@ class EdgeClient:
         body.update(status="training_stopped", reason=self.privacy.training_stopped)
         await self._publish_ledger(body)
 
-    def _state_file(self) -> Path | None:
+    def _site_folder(self) -> Path | None:
         state_dir = self.config.edge.state_dir
-        return None if state_dir is None else state_dir / self.site / "edge.json"
+        return None if state_dir is None else state_dir / self.site
 
-    def _load_last_update_round(self) -> int:
-        """Return the last round this site sent an update for, so a restart sends no second one."""
-        path = self._state_file()
-        if path is None or not path.exists():
-            return -1
+    def _read_site_state(self) -> SiteState:
+        folder = self._site_folder()
+        if folder is None:
+            return SiteState()
         try:
-            return int(json.loads(path.read_text())["last_update_round"])
-        except (ValueError, KeyError, TypeError) as err:
-            self._log.error("edge_state_unreadable", path=str(path), error=str(err))
-            return -1
+            return read_site_state(folder / SITE_STATE_FILE)
+        except (OSError, ValueError) as err:
+            self._log.error(
+                "edge_state_unreadable", path=str(folder / SITE_STATE_FILE), error=str(err)
+            )
+            return SiteState()
 
-    def _save_last_update_round(self) -> None:
-        # NOTE: a crash between the send and this write can still repeat one update; the
-        # aggregator then rejects it as a duplicate for that round.
-        path = self._state_file()
-        if path is None:
+    def _write_site_state(self, state: SiteState) -> None:
+        folder = self._site_folder()
+        if folder is not None:
+            write_site_state(folder / SITE_STATE_FILE, state)
+
+    async def _load_state(self) -> None:
+        """Restore the last update round and, when this process may, the scoring checkpoint.
+
+        A checkpoint or an update round newer than the newest global version belongs to
+        another cluster or an earlier model lineage, because versions only grow in one lineage.
+        """
+        site_state = self._read_site_state()
+        self.last_update_round = site_state.last_update_round
+        checkpoint = self._read_checkpoint()
+        if checkpoint is not None:
+            self.last_update_round = max(self.last_update_round, checkpoint.last_update_round)
+        pending = site_state.sending_round
+        if pending is not None and pending > self.last_update_round:
+            if await self._update_was_sent(pending):
+                self.last_update_round = pending
+            self._write_site_state(SiteState(self.last_update_round))
+
+        checkpoint_version = -1 if checkpoint is None else checkpoint.global_version
+        if self.last_update_round >= 0 or checkpoint_version >= 0:
+            latest = await self._global.catch_up()
+            newest = -1 if latest is None else latest.version
+            if newest < self.last_update_round:
+                self._log.warning(
+                    "edge_state_ignored",
+                    last_update_round=self.last_update_round,
+                    newest_version=newest,
+                )
+                self.last_update_round = -1
+            if checkpoint is not None and newest < checkpoint_version:
+                self._log.warning(
+                    "edge_checkpoint_rejected",
+                    reason="lineage",
+                    checkpoint_version=checkpoint_version,
+                    newest_version=newest,
+                )
+                checkpoint = None
+
+        if checkpoint is None:
+            self._log.info("edge_warmup_started", **self._warmup_description())
+        else:
+            self._restore(checkpoint)
+
+    def _read_checkpoint(self) -> EdgeCheckpoint | None:
+        folder = self._site_folder()
+        if folder is None:
+            return None
+        lock = CheckpointLock(folder)
+        if not lock.acquire():
+            self._log.warning(
+                "edge_checkpoint_locked",
+                lock=str(lock.path),
+                detail="another process of this site uses the checkpoint; this one keeps none",
+            )
+            return None
+        self._checkpoint_lock = lock
+        path = folder / CHECKPOINT_FILE
+        try:
+            checkpoint = read_checkpoint(
+                path, site=self.site, fingerprint=state_fingerprint(self.config)
+            )
+        except FileNotFoundError:
+            return None
+        except (CheckpointRejectedError, OSError) as err:
+            reason = err.reason if isinstance(err, CheckpointRejectedError) else "unreadable"
+            self._log.warning(
+                "edge_checkpoint_rejected", reason=reason, path=str(path), error=str(err)
+            )
+            return None
+        other_topics = sorted({tp.topic for tp in checkpoint.offsets} - {self._metrics_topic})
+        if other_topics:
+            self._log.warning(
+                "edge_checkpoint_rejected",
+                reason="topic",
+                path=str(path),
+                error=f"checkpoint covers topics {other_topics}, this client reads "
+                f"{self._metrics_topic!r}",
+            )
+            return None
+        return checkpoint
+
+    def _restore(self, checkpoint: EdgeCheckpoint) -> None:
+        self.pipeline.restore(checkpoint.pipeline)
+        self.global_version = checkpoint.global_version
+        self.positions = dict(checkpoint.offsets)
+        self.restored_checkpoint = checkpoint
+        self._log.info(
+            "edge_checkpoint_restored",
+            age_s=round(time.time() - checkpoint.written_at, 3),
+            global_version=checkpoint.global_version,
+            last_update_round=self.last_update_round,
+            rows_seen={name: state.seen for name, state in self.pipeline.sources.items()},
+            offsets=_offsets_for_log(self.positions),
+        )
+
+    def _warmup_description(self) -> dict[str, Any]:
+        """Return how many rows each source scores before its first possible alert."""
+        edge = self.config.edge
+        if edge.scoring == "context":
+            rows_before_alerts = edge.context.warmup_rows
+        else:
+            rows_before_alerts = edge.threshold.warmup_events
+        return {
+            "scoring": edge.scoring,
+            "rows_before_alerts": rows_before_alerts,
+            "hst_rows_before_scores": edge.hst_window,
+            "rows_before_first_update": edge.window_events,
+        }
+
+    async def _update_was_sent(self, round_id: int) -> bool:
+        """Return True when ``fl.updates`` contains this site's update for ``round_id``."""
+        updates = await read_topic(self._kafka, "fl.updates", frozenset({"update"}))
+        found = any(
+            update.key == self.site
+            and update.envelope.body.get("client_id") == self.site
+            and update.envelope.body.get("round") == round_id
+            and update.envelope.body.get("model") == self.config.aggregator.model_name
+            for update in updates
+        )
+        self._log.info("update_send_checked", round=round_id, found=found)
+        return found
+
+    def _checkpoint_due(self) -> bool:
+        return (
+            self._checkpoint_lock is not None
+            and self._state_in_sync
+            and self._state_changed
+            and time.monotonic() - self._checkpointed_at >= self.config.edge.checkpoint_interval_s
+        )
+
+    async def _write_checkpoint(self) -> None:
+        """Write the checkpoint. The caller has acquired ``_state_lock``, so nothing changes meanwhile."""
+        folder = self._site_folder()
+        assert folder is not None and self._checkpoint_lock is not None
+        checkpoint = EdgeCheckpoint(
+            site=self.site,
+            fingerprint=state_fingerprint(self.config),
+            global_version=self.global_version,
+            last_update_round=self.last_update_round,
+            offsets=dict(self.positions),
+            pipeline=self.pipeline.snapshot(),
+            written_at=time.time(),
+        )
+        started = time.perf_counter()
+        try:
+            size = await asyncio.to_thread(write_checkpoint, folder / CHECKPOINT_FILE, checkpoint)
+        except OSError as err:
+            self._log.error("edge_checkpoint_write_failed", path=str(folder), error=str(err))
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps({"last_update_round": self.last_update_round}))
-        os.replace(partial, path)
+        self._checkpointed_at = time.monotonic()
+        self._state_changed = False
+        self._log.info(
+            "edge_checkpoint_written",
+            bytes=size,
+            seconds=round(time.perf_counter() - started, 3),
+            global_version=self.global_version,
+            offsets=_offsets_for_log(checkpoint.offsets),
+        )
+
+    async def _checkpoint_on_stop(self) -> None:
+        if self._checkpoint_lock is None:
+            return
+        timeout_s = self.config.edge.stop_timeout_s
+        try:
+            await asyncio.wait_for(self._state_lock.acquire(), timeout_s)
+        except TimeoutError:
+            self._log.error("edge_checkpoint_skipped", reason="state_busy", timeout_s=timeout_s)
+            return
+        try:
+            if not self._state_in_sync:
+                # A cancelled step left records or training that ``positions`` do not cover.
+                self._log.warning("edge_checkpoint_skipped", reason="batch_abandoned")
+            elif self._state_changed:
+                await self._write_checkpoint()
+        finally:
+            self._state_lock.release()
+
+    async def _on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        # Waiting for the lock lets the batch in progress finish. Its offsets are then committed
+        # while this process is still a member of the generation that owns them.
+        async with self._state_lock:
+            if revoked and self._consumer is not None:
+                await self._commit(revoked)
+        self._log.info("partitions_revoked", partitions=_offsets_for_log(dict.fromkeys(revoked, 0)))
+
+    def _on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        """Seek every assigned partition the state has read to the state's next offset."""
+        assert self._consumer is not None
+        resumed: dict[TopicPartition, int] = {}
+        for tp in assigned:
+            offset = self.positions.get(tp)
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+                resumed[tp] = offset
+        committed = sorted(f"{tp.topic}:{tp.partition}" for tp in assigned if tp not in resumed)
+        self._log.info(
+            "partitions_assigned",
+            resumed=_offsets_for_log(resumed),
+            from_committed=committed,
+        )
 
     async def _publish_ledger(self, body: dict[str, Any]) -> None:
         assert self._producer is not None
@@ -391,6 +719,21 @@ class EdgeClient:
         )
         if isinstance(body.get("epsilon"), float | int):
             self.metrics.record_epsilon(float(body["epsilon"]))
+
+
+class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, client: EdgeClient) -> None:
+        self._client = client
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        await self._client._on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        self._client._on_partitions_assigned(assigned)
+
+
+def _offsets_for_log(offsets: dict[TopicPartition, int]) -> dict[str, int]:
+    return {f"{tp.topic}:{tp.partition}": offset for tp, offset in sorted(offsets.items())}
 
 
 def _finite_or_max(value: float) -> float:

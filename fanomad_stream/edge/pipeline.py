@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -236,6 +237,34 @@ class EdgePipeline:
         by_column = errors[:, : self.n_features] + errors[:, self.n_features :]
         top = np.argsort(-by_column, axis=1)[:, :3]
         return batch.scores, batch.thresholds, top
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return references to every piece of state that scoring and training change.
+
+        The pieces are not copied: pickle them before the next ``process`` or training call.
+        The context pipelines share ``detector``, and one pickle of the returned dict keeps
+        that sharing.
+        """
+        return {
+            "sources": self.sources,
+            "detector": self.detector,
+            "window": list(self.window),
+            "events_since_training": self.events_since_training,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Replace the scoring state with one that ``snapshot`` returned and a pickle kept.
+
+        The caller checks that the state comes from the same edge and model settings.
+        """
+        detector = state["detector"]
+        if not isinstance(detector, VersionedAutoencoder):
+            msg = f"state holds a {type(detector).__name__} detector, expected VersionedAutoencoder"
+            raise TypeError(msg)
+        self.sources = dict(state["sources"])
+        self.detector = detector
+        self.window = deque(state["window"], maxlen=self.edge.window_events)
+        self.events_since_training = int(state["events_since_training"])
 
     def window_ready(self) -> bool:
         return self.events_since_training >= self.edge.window_events and len(self.window) > 0

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fanomad_stream.config import parse_config
 from fanomad_stream.edge.client import EdgeClient
+from fanomad_stream.edge.site_state import SiteState
 
 
 def _client(state_dir: Path | None) -> EdgeClient:
@@ -15,25 +16,30 @@ def _client(state_dir: Path | None) -> EdgeClient:
 
 def test_last_round_survives_restart(tmp_path: Path) -> None:
     """A restarted client knows the last round it sent, so it sends no second update for it."""
-    first = _client(tmp_path)
-    first.last_update_round = 4
-    first._save_last_update_round()
+    _client(tmp_path)._write_site_state(SiteState(4))
     restarted = _client(tmp_path)
-    assert restarted._load_last_update_round() == 4
+    assert restarted._read_site_state() == SiteState(4)
     assert (tmp_path / "site-a" / "edge.json").exists()
+
+
+def test_sending_round_is_kept(tmp_path: Path) -> None:
+    """A send cut short by a crash leaves its round in the file for the restart to check."""
+    _client(tmp_path)._write_site_state(SiteState(4, sending_round=5))
+    assert _client(tmp_path)._read_site_state() == SiteState(4, sending_round=5)
 
 
 def test_missing_or_corrupt_state_starts_fresh(tmp_path: Path) -> None:
     """No file, or an unreadable one, means no update was sent yet."""
-    assert _client(tmp_path)._load_last_update_round() == -1
+    assert _client(tmp_path)._read_site_state() == SiteState()
     (tmp_path / "site-a").mkdir()
     (tmp_path / "site-a" / "edge.json").write_text("{not json")
-    assert _client(tmp_path)._load_last_update_round() == -1
+    assert _client(tmp_path)._read_site_state() == SiteState()
+    (tmp_path / "site-a" / "edge.json").write_text('{"last_update_round": "x"}')
+    assert _client(tmp_path)._read_site_state() == SiteState()
 
 
 def test_no_state_dir_keeps_no_file(tmp_path: Path) -> None:
     client = _client(None)
-    client.last_update_round = 2
-    client._save_last_update_round()
-    assert client._load_last_update_round() == -1
+    client._write_site_state(SiteState(2))
+    assert client._read_site_state() == SiteState()
     assert list(tmp_path.iterdir()) == []

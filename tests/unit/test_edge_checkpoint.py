@@ -1,0 +1,235 @@
+"""The edge checkpoint: a restored pipeline continues bit for bit, and bad files are rejected."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiokafka import TopicPartition
+
+from fanomad_stream.config import AppConfig, parse_config
+from fanomad_stream.edge.checkpoint import (
+    CheckpointLock,
+    CheckpointRejectedError,
+    EdgeCheckpoint,
+    read_checkpoint,
+    state_fingerprint,
+    write_checkpoint,
+)
+from fanomad_stream.edge.pipeline import EdgePipeline
+
+N_FEATURES = 6
+SOURCES = ("m-1", "m-2")
+BATCH = 100
+BATCHES = 24  # per source
+
+
+def _config(scoring: str, **edge: object) -> AppConfig:
+    settings: dict[str, object] = {
+        "scoring": scoring,
+        "window_events": 700,
+        "hst_trees": 4,
+        "hst_height": 5,
+        "hst_window": 50,
+        "threshold": {"warmup_events": 150, "history": 400},
+        "context": {"warmup_rows": 600, "spot_warmup": 500},
+    }
+    settings.update(edge)
+    return parse_config(
+        {
+            "model": {"n_features": N_FEATURES, "hidden": [4], "local_epochs": 1, "seed": 3},
+            "edge": settings,
+        }
+    )
+
+
+def _batches() -> list[tuple[str, np.ndarray]]:
+    """Return the batches of both sources in arrival order, with spikes that raise alerts."""
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(BATCHES):
+        for s, source in enumerate(SOURCES):
+            t = np.arange(i * BATCH, (i + 1) * BATCH)[:, None]
+            base = 0.5 + 0.2 * np.sin(t / (15.0 + s) + np.arange(N_FEATURES))
+            values = base + rng.normal(0.0, 0.02, size=(BATCH, N_FEATURES))
+            if i >= 10 and i % 3 == 0:
+                values[BATCH // 2 : BATCH // 2 + 5, s] += 1.5  # a short level shift
+            out.append((source, values.astype(np.float32)))
+    return out
+
+
+def _pipeline(config: AppConfig) -> EdgePipeline:
+    return EdgePipeline(config.model.n_features, config.edge, config.model)
+
+
+def _run(pipeline: EdgePipeline, batches: list[tuple[str, np.ndarray]]) -> list[object]:
+    """Process batches as the edge client does (train when a window is ready); return outputs."""
+    outputs: list[object] = []
+    for source, values in batches:
+        result = pipeline.process(source, values)
+        outputs.append(("scores", source, result.score, result.threshold, result.alert))
+        if pipeline.window_ready():
+            delta, n_samples = pipeline.train_window()
+            outputs.append(("delta", n_samples, delta))
+    return outputs
+
+
+def _checkpoint(config: AppConfig, pipeline: EdgePipeline) -> EdgeCheckpoint:
+    return EdgeCheckpoint(
+        site="site-a",
+        fingerprint=state_fingerprint(config),
+        global_version=3,
+        last_update_round=2,
+        offsets={TopicPartition("metrics.raw", 1): 1200, TopicPartition("metrics.raw", 3): 1100},
+        pipeline=pipeline.snapshot(),
+        written_at=1.0,
+    )
+
+
+def _assert_equal_outputs(expected: list[object], actual: list[object]) -> None:
+    assert len(actual) == len(expected)
+    for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
+        assert isinstance(want, tuple) and isinstance(got, tuple)
+        assert want[0] == got[0], f"output {i}: {got[0]} where {want[0]} was expected"
+        if want[0] == "scores":
+            assert want[1] == got[1], f"output {i}: source"
+            for column in (2, 3, 4):
+                assert np.array_equal(want[column], got[column]), f"output {i}, column {column}"
+        else:
+            assert want[1] == got[1], f"output {i}: n_samples"
+            assert want[2].keys() == got[2].keys()
+            for name in want[2]:
+                assert np.array_equal(want[2][name], got[2][name]), f"output {i}: delta {name}"
+
+
+@pytest.mark.parametrize("scoring", ["context", "baseline"])
+def test_restored_pipeline_continues_bitwise(tmp_path: Path, scoring: str) -> None:
+    """Scores, thresholds, alerts and trained deltas after a restore equal an unbroken run."""
+    config = _config(scoring)
+    batches = _batches()
+    # Stop mid-window: 15 batches per source is 3000 rows, 4 windows of 700 and 200 rows more.
+    split = 2 * 15
+
+    unbroken = _run(_pipeline(config), batches)
+
+    first = _pipeline(config)
+    before = _run(first, batches[:split])
+    assert first.events_since_training == 200
+    path = tmp_path / "site-a" / "checkpoint.bin"
+    write_checkpoint(path, _checkpoint(config, first))
+    restored = _pipeline(config)
+    checkpoint = read_checkpoint(path, site="site-a", fingerprint=state_fingerprint(config))
+    restored.restore(checkpoint.pipeline)
+    after = _run(restored, batches[split:])
+
+    _assert_equal_outputs(unbroken, before + after)
+    trained_after = [o for o in after if isinstance(o, tuple) and o[0] == "delta"]
+    assert len(trained_after) >= 2
+    alerts_after = sum(int(o[4].sum()) for o in after if isinstance(o, tuple) and o[0] == "scores")
+    assert alerts_after > 0
+    last_thresholds = [o[3] for o in after if isinstance(o, tuple) and o[0] == "scores"]
+    assert np.isfinite(last_thresholds[0]).all()
+
+
+def test_checkpoint_header_round_trip(tmp_path: Path) -> None:
+    config = _config("baseline")
+    pipeline = _pipeline(config)
+    _run(pipeline, _batches()[:4])
+    path = tmp_path / "site-a" / "checkpoint.bin"
+    write_checkpoint(path, _checkpoint(config, pipeline))
+    checkpoint = read_checkpoint(path, site="site-a", fingerprint=state_fingerprint(config))
+    assert checkpoint.global_version == 3
+    assert checkpoint.last_update_round == 2
+    assert checkpoint.offsets == {
+        TopicPartition("metrics.raw", 1): 1200,
+        TopicPartition("metrics.raw", 3): 1100,
+    }
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(path.parent).st_mode & 0o777 == 0o700
+
+
+def test_fingerprint_ignores_operational_settings() -> None:
+    base = state_fingerprint(_config("context"))
+    assert state_fingerprint(_config("context", poll_timeout_ms=900, stop_timeout_s=3)) == base
+    assert state_fingerprint(_config("context", checkpoint_interval_s=5)) == base
+    assert state_fingerprint(_config("context", window_events=800)) != base
+    assert state_fingerprint(_config("baseline")) != base
+
+
+def _written(tmp_path: Path) -> tuple[AppConfig, Path]:
+    config = _config("baseline")
+    pipeline = _pipeline(config)
+    _run(pipeline, _batches()[:2])
+    path = tmp_path / "site-a" / "checkpoint.bin"
+    write_checkpoint(path, _checkpoint(config, pipeline))
+    return config, path
+
+
+def test_checkpoint_of_other_config_rejected(tmp_path: Path) -> None:
+    _, path = _written(tmp_path)
+    other = state_fingerprint(_config("baseline", window_events=900))
+    with pytest.raises(CheckpointRejectedError) as raised:
+        read_checkpoint(path, site="site-a", fingerprint=other)
+    assert raised.value.reason == "config"
+
+
+def test_checkpoint_of_other_site_rejected(tmp_path: Path) -> None:
+    config, path = _written(tmp_path)
+    with pytest.raises(CheckpointRejectedError) as raised:
+        read_checkpoint(path, site="site-b", fingerprint=state_fingerprint(config))
+    assert raised.value.reason == "site"
+
+
+def test_checkpoint_of_other_format_rejected(tmp_path: Path) -> None:
+    config, path = _written(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"format": 1', b'"format": 99', 1))
+    with pytest.raises(CheckpointRejectedError) as raised:
+        read_checkpoint(path, site="site-a", fingerprint=state_fingerprint(config))
+    assert raised.value.reason == "format"
+
+
+def test_changed_payload_rejected(tmp_path: Path) -> None:
+    config, path = _written(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointRejectedError) as raised:
+        read_checkpoint(path, site="site-a", fingerprint=state_fingerprint(config))
+    assert raised.value.reason == "corrupt"
+
+
+def test_truncated_checkpoint_rejected(tmp_path: Path) -> None:
+    config, path = _written(tmp_path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointRejectedError) as raised:
+        read_checkpoint(path, site="site-a", fingerprint=state_fingerprint(config))
+    assert raised.value.reason == "corrupt"
+
+
+def test_group_writable_checkpoint_rejected(tmp_path: Path) -> None:
+    """A pickle that another user could have written is never loaded."""
+    config, path = _written(tmp_path)
+    path.chmod(0o620)
+    with pytest.raises(CheckpointRejectedError) as raised:
+        read_checkpoint(path, site="site-a", fingerprint=state_fingerprint(config))
+    assert raised.value.reason == "permissions"
+    path.chmod(0o600)
+    path.parent.chmod(0o777)
+    with pytest.raises(CheckpointRejectedError) as raised:
+        read_checkpoint(path, site="site-a", fingerprint=state_fingerprint(config))
+    assert raised.value.reason == "permissions"
+
+
+def test_checkpoint_lock_is_exclusive(tmp_path: Path) -> None:
+    """A second holder of a site's lock is turned away until the first releases it."""
+    first = CheckpointLock(tmp_path / "site-a")
+    second = CheckpointLock(tmp_path / "site-a")
+    assert first.acquire()
+    assert not second.acquire()
+    assert not second.held
+    first.release()
+    assert second.acquire()
+    second.release()
