@@ -44,13 +44,10 @@ from fanomad_stream.edge.checkpoint import (
     write_checkpoint,
 )
 from fanomad_stream.edge.pipeline import BatchResult, EdgePipeline
-from fanomad_stream.edge.privacy import EdgePrivacy, TrainedUpdate
 from fanomad_stream.edge.site_state import SiteState, read_site_state, write_site_state
+from fanomad_stream.edge.updates import UpdateSender
 from fanomad_stream.errors import DecodeError
 from fanomad_stream.federate.global_model import GlobalModelReader
-from fanomad_stream.federate.secagg_kafka import SecAggParticipant
-from fanomad_stream.privacy.ledger_records import read_ledger_records
-from fanomad_stream.privacy.secagg.encoding import flatten_update
 from fanomad_stream.service.metrics import EdgeMetrics
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
@@ -117,9 +114,7 @@ class EdgeClient:
         self._dead: DeadLetters | None = None
         self._stopping = asyncio.Event()
         self._log = log.bind(client_id=site)
-        self.privacy = EdgePrivacy(config, site)
-        self.secagg: SecAggParticipant | None = None
-        self._stop_recorded = False
+        self.updates = UpdateSender(config, site, self.metrics, self._log)
         # Next offset to read of every partition whose records the pipeline state has folded in.
         self.positions: dict[TopicPartition, int] = {}
         # Held while the pipeline state or ``positions`` change, so that a rebalance and a
@@ -138,11 +133,7 @@ class EdgeClient:
         await self._producer.start()
         self._dead = DeadLetters(self._producer, self._kafka, src=self.site)
         await self._global.start()
-        if self.config.privacy.secure_aggregation.enabled:
-            self.secagg = SecAggParticipant(self.config, self.site, self._producer)
-            await self.secagg.start()
-        if self.privacy.ledger is not None:
-            self.privacy.restore_ledger(await read_ledger_records(self._kafka, self.site))
+        await self.updates.start(self._producer)
         await self._load_state()
         # The state and ``positions`` are in place before the first assignment seeks to them.
         group = f"{self.config.edge.group_prefix}-{self.site}"
@@ -170,9 +161,7 @@ class EdgeClient:
         if self._consumer is not None:
             await self._close("consumer", self._consumer.stop())
             self._consumer = None
-        if self.secagg is not None:
-            await self._close("secagg", self.secagg.stop())
-            self.secagg = None
+        await self._close("secagg", self.updates.stop())
         await self._close("global_model_reader", self._global.stop())
         if self._producer is not None:
             await self._close("producer", self._producer.stop())
@@ -258,8 +247,7 @@ class EdgeClient:
             committed = consumed > 0 and await self._handle_batch(batches)
             if committed and self._checkpoint_due():
                 await self._write_checkpoint()
-            if self.secagg is not None:
-                await self.secagg.poll()
+            await self.updates.poll()
             if self.pipeline.window_ready() and self._may_train():
                 await self._train_and_send()
 
@@ -309,12 +297,10 @@ class EdgeClient:
         return True
 
     def _may_train(self) -> bool:
-        if self.privacy.training_stopped is not None:
+        if not self.updates.may_train(self.global_version, self.last_update_round):
             return False
-        if self.secagg is not None:
-            return self.secagg.wants_update(self.global_version)
-        if self.global_version <= self.last_update_round:
-            return False
+        if self.updates.secagg is not None:
+            return True
         # Another process of the site may have sent this round's update since the last look.
         self.last_update_round = max(
             self.last_update_round, self._read_site_state().last_update_round
@@ -336,7 +322,7 @@ class EdgeClient:
             "global_model_loaded",
             version=newer.version,
             round=newer.round,
-            model_epsilon=self.privacy.model_epsilon(newer.version),
+            model_epsilon=self.updates.privacy.model_epsilon(newer.version),
         )
 
     async def _decode(self, batches: dict[Any, list[ConsumerRecord]]) -> dict[str, list[_Row]]:
@@ -437,32 +423,17 @@ class EdgeClient:
         # Training runs in a worker thread that a cancelled step does not stop, so the state
         # counts as out of sync until the thread has returned here.
         self._state_in_sync = False
-        trained = await asyncio.to_thread(self.privacy.train, self.pipeline, round_id=round_id)
+        trained = await self.updates.train(self.pipeline, round_id=round_id)
         self._state_in_sync = True
         self._state_changed = True
         if trained is None:
-            await self._record_training_stop()
             return
-        if trained.ledger is not None:
-            await self._publish_ledger(trained.ledger)
-        if self.secagg is not None:
-            await self._submit_secure(trained)
-        else:
-            body = {
-                "round": round_id,
-                "client_id": self.site,
-                "model": self.config.aggregator.model_name,
-                "n_samples": trained.n_samples,
-                "base_version": self.global_version,
-                "delta": trained.delta,
-                "privacy": trained.privacy,
-                "train_loss": self.pipeline.detector.last_loss,
-            }
-            value = codec.encode("update", body, src=self.site, ts=time.time())
+        if self.updates.secagg is None:
             self._write_site_state(SiteState(self.last_update_round, sending_round=round_id))
-            await self._producer.send_and_wait(
-                topic_name(self._kafka, "fl.updates"), value=value, key=self.site.encode()
-            )
+        loss = self.pipeline.detector.last_loss
+        await self.updates.send(
+            trained, round_id=round_id, base_version=self.global_version, train_loss=loss
+        )
         self.last_update_round = round_id
         self._write_site_state(SiteState(round_id))
         self.counters.updates_sent += 1
@@ -470,25 +441,9 @@ class EdgeClient:
             "update_sent",
             round=round_id,
             n_samples=trained.n_samples,
-            train_loss=round(self.pipeline.detector.last_loss, 6),
+            train_loss=round(loss, 6),
             privacy=trained.privacy,
         )
-
-    async def _submit_secure(self, trained: TrainedUpdate) -> None:
-        assert self.secagg is not None
-        vector, _ = flatten_update(trained.delta)
-        metadata = {"n_samples": trained.n_samples, "privacy": trained.privacy}
-        weight = self.privacy.secure_weight(trained.n_samples)
-        await self.secagg.submit(vector, weight=weight, metadata=metadata)
-
-    async def _record_training_stop(self) -> None:
-        if self._stop_recorded or self.privacy.ledger is None:
-            return
-        self._stop_recorded = True
-        self._log.warning("training_stopped", reason=self.privacy.training_stopped)
-        body = self.privacy.ledger.ledger_body()
-        body.update(status="training_stopped", reason=self.privacy.training_stopped)
-        await self._publish_ledger(body)
 
     def _site_folder(self) -> Path | None:
         state_dir = self.config.edge.state_dir
@@ -710,15 +665,6 @@ class EdgeClient:
             resumed=_offsets_for_log(resumed),
             from_committed=committed,
         )
-
-    async def _publish_ledger(self, body: dict[str, Any]) -> None:
-        assert self._producer is not None
-        value = codec.encode("ledger", body, src=self.site, ts=time.time())
-        await self._producer.send_and_wait(
-            topic_name(self._kafka, "privacy.ledger"), value=value, key=self.site.encode()
-        )
-        if isinstance(body.get("epsilon"), float | int):
-            self.metrics.record_epsilon(float(body["epsilon"]))
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -35,13 +35,10 @@ from fanomad_stream.edge.modalities import (
     Scored,
     TracesPipeline,
 )
-from fanomad_stream.edge.privacy import EdgePrivacy, TrainedUpdate
+from fanomad_stream.edge.updates import UpdateSender
 from fanomad_stream.errors import DecodeError
 from fanomad_stream.featurize.trace_assembly import Span
 from fanomad_stream.federate.global_model import GlobalModelReader
-from fanomad_stream.federate.secagg_kafka import SecAggParticipant
-from fanomad_stream.privacy.ledger_records import read_ledger_records
-from fanomad_stream.privacy.secagg.encoding import flatten_update
 from fanomad_stream.replay.logs import LogRecord
 from fanomad_stream.service.metrics import EdgeMetrics
 from fanomad_stream.transport import codec
@@ -110,9 +107,7 @@ class ModalityEdgeClient:
         self._stopping = asyncio.Event()
         self._idle_since: float | None = None
         self._log = log.bind(client_id=site, modality=modality)
-        self.privacy = EdgePrivacy(config, site)
-        self.secagg: SecAggParticipant | None = None
-        self._stop_recorded = False
+        self.updates = UpdateSender(config, site, self.metrics, self._log)
 
     @property
     def _traces_state(self) -> Path:
@@ -132,11 +127,7 @@ class ModalityEdgeClient:
         )
         await self._consumer.start()
         await self._global.start()
-        if self.config.privacy.secure_aggregation.enabled:
-            self.secagg = SecAggParticipant(self.config, self.site, self._producer)
-            await self.secagg.start()
-        if self.privacy.ledger is not None:
-            self.privacy.restore_ledger(await read_ledger_records(self._kafka, self.site))
+        await self.updates.start(self._producer)
         self._log.info("edge_started", group=group, topic=self._topic)
 
     async def stop(self) -> None:
@@ -147,9 +138,7 @@ class ModalityEdgeClient:
             self._consumer = None
             self._save_state()
         await self._global.stop()
-        if self.secagg is not None:
-            await self.secagg.stop()
-            self.secagg = None
+        await self.updates.stop()
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
@@ -201,18 +190,13 @@ class ModalityEdgeClient:
         self.metrics.record_consumed(consumed)
         await self.metrics.record_lag(self._consumer)
 
-        if self.secagg is not None:
-            await self.secagg.poll()
+        await self.updates.poll()
         if self.pipeline.window_ready() and self._may_train():
             await self._train_and_send()
         return consumed
 
     def _may_train(self) -> bool:
-        if self.privacy.training_stopped is not None:
-            return False
-        if self.secagg is not None:
-            return self.secagg.wants_update(self.global_version)
-        return self.global_version > self.last_update_round
+        return self.updates.may_train(self.global_version, self.last_update_round)
 
     async def _commit(self) -> None:
         """Commit the polled offsets; after a rebalance, log and let the batch be redelivered.
@@ -328,30 +312,13 @@ class ModalityEdgeClient:
         if latest is not None:
             self.pipeline.detector.load_weights(latest.weights)
         round_id = self.global_version
-        trained = await asyncio.to_thread(self.privacy.train, self.pipeline, round_id=round_id)
+        trained = await self.updates.train(self.pipeline, round_id=round_id)
         if trained is None:
-            await self._record_training_stop()
             return
-        if trained.ledger is not None:
-            await self._publish_ledger(trained.ledger)
         loss = self.pipeline.detector.last_loss
-        if self.secagg is not None:
-            await self._submit_secure(trained)
-        else:
-            body = {
-                "round": round_id,
-                "client_id": self.site,
-                "model": self.config.aggregator.model_name,
-                "n_samples": trained.n_samples,
-                "base_version": self.global_version,
-                "delta": trained.delta,
-                "privacy": trained.privacy,
-                "train_loss": loss,
-            }
-            value = codec.encode("update", body, src=self.site, ts=time.time())
-            await self._producer.send_and_wait(
-                topic_name(self._kafka, "fl.updates"), value=value, key=self.site.encode()
-            )
+        await self.updates.send(
+            trained, round_id=round_id, base_version=self.global_version, train_loss=loss
+        )
         self.last_update_round = round_id
         self.counters.updates_sent += 1
         self._log.info(
@@ -361,31 +328,6 @@ class ModalityEdgeClient:
             train_loss=loss,
             privacy=trained.privacy,
         )
-
-    async def _submit_secure(self, trained: TrainedUpdate) -> None:
-        assert self.secagg is not None
-        vector, _ = flatten_update(trained.delta)
-        metadata = {"n_samples": trained.n_samples, "privacy": trained.privacy}
-        weight = self.privacy.secure_weight(trained.n_samples)
-        await self.secagg.submit(vector, weight=weight, metadata=metadata)
-
-    async def _record_training_stop(self) -> None:
-        if self._stop_recorded or self.privacy.ledger is None:
-            return
-        self._stop_recorded = True
-        self._log.warning("training_stopped", reason=self.privacy.training_stopped)
-        body = self.privacy.ledger.ledger_body()
-        body.update(status="training_stopped", reason=self.privacy.training_stopped)
-        await self._publish_ledger(body)
-
-    async def _publish_ledger(self, body: dict[str, Any]) -> None:
-        assert self._producer is not None
-        value = codec.encode("ledger", body, src=self.site, ts=time.time())
-        await self._producer.send_and_wait(
-            topic_name(self._kafka, "privacy.ledger"), value=value, key=self.site.encode()
-        )
-        if isinstance(body.get("epsilon"), float | int):
-            self.metrics.record_epsilon(float(body["epsilon"]))
 
     def _save_state(self) -> None:
         if isinstance(self.pipeline, LogsPipeline):

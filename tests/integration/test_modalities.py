@@ -254,8 +254,10 @@ async def test_logs_updates_leave_private(topics: KafkaSettings, tmp_path: Path)
     site_records = [item.envelope.body for item in ledger if item.envelope.src == "bgl-site"]
     assert len(site_records) == len(updates)
     assert site_records[-1]["epsilon"] > 0
-    assert client.privacy.ledger is not None
-    assert client.privacy.ledger.spent_epsilon() == pytest.approx(site_records[-1]["epsilon"])
+    assert client.updates.privacy.ledger is not None
+    assert client.updates.privacy.ledger.spent_epsilon() == pytest.approx(
+        site_records[-1]["epsilon"]
+    )
 
 
 @pytest.mark.timeout(180)
