@@ -1,10 +1,10 @@
 """How an edge client's trained window leaves the site, the same way for every modality.
 
-``UpdateSender`` trains through ``EdgePrivacy`` (DP-SGD or clipping and noise shares under
-client-level DP), publishes the site's ledger record before the update it accounts for, and
-sends the delta as a plain update to ``fl.updates`` or, under secure aggregation, as a masked
-input over ``fl.control``. When the site's budget is spent it records the stop once, and
-scoring goes on without training.
+``UpdateSender`` trains through ``EdgePrivacy``: DP-SGD, or clipping and noise shares under
+client-level DP. It publishes the site's ledger record before the update that the record
+accounts for. The delta goes to ``fl.updates`` as a plain update, or over ``fl.control`` as a
+masked input under secure aggregation. When the site's budget is spent, the sender records
+the stop once, and scoring goes on without training.
 """
 
 from __future__ import annotations
