@@ -349,3 +349,25 @@ def test_ci_workflow_runs_ci_script() -> None:
 
     assert steps[-1].strip() == "bash .ci/run"
     assert script[-1] == "make test"
+
+
+def test_edge_state_on_named_volume(
+    compose: ComposeFile,
+    dockerfile: tuple[list[str], dict[str, Path]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every edge site checkpoints into a named volume, at a folder the image creates."""
+    entrypoint, image_files = dockerfile
+    dockerfile_text = (DOCKER / "Dockerfile").read_text()
+    edges = [
+        service
+        for service in our_services(compose).values()
+        if parse_command(service, entrypoint, monkeypatch).command == "edge"
+    ]
+    assert edges
+    for service in edges:
+        state_dir = service_config(service, image_files).edge.state_dir
+        assert state_dir is not None
+        named = {v.split(":")[1]: v.split(":")[0] for v in service.volumes}
+        assert named.get(str(state_dir)) in compose.volumes
+        assert f"mkdir -p /runs {state_dir}" in dockerfile_text
