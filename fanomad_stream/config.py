@@ -150,6 +150,11 @@ class EdgeSettings(_Section):
     hst_window: int = Field(default=250, ge=10)
     score_weight_ae: float = Field(default=1.0, ge=0.0)
     scale_floor: float = Field(default=0.01, gt=0.0)
+    # Leading rows of each source that only fit its streaming scaler: they get score 0 and no
+    # alert, and train neither the threshold, HalfSpaceTrees nor the autoencoder. Without
+    # them a new source's first rows pass in raw units (the scale is 1 before two rows).
+    # Context scoring has its own warm-up (``context.warmup_rows``) for the autoencoder score.
+    scaler_warmup_rows: int = Field(default=10, ge=0)
     threshold: ThresholdSettings = ThresholdSettings()
     # "baseline": standardized row → autoencoder error → rolling quantile threshold.
     # "context": level and first-difference features, normalized errors, EMA and SPOT

@@ -4,7 +4,9 @@ Per source (machine) the pipeline keeps a streaming scaler, a HalfSpaceTrees det
 alert threshold. The autoencoder is shared by the whole site, because it is the model the
 federation averages. A batch of one source goes through: standardize with the statistics from
 before the batch → score (autoencoder, HST, L2 norm) → threshold fitted on past scores →
-learn. The autoencoder's input rows go into the site's training window.
+learn. The autoencoder's input rows go into the site's training window. The first
+``edge.scaler_warmup_rows`` rows of a source only fit its scaler: they get score 0, no alert,
+HST and L2 of 0, and neither the threshold, HST nor the training window sees them.
 
 ``edge.scoring`` picks the autoencoder score and its threshold:
 
@@ -172,20 +174,27 @@ class EdgePipeline:
     def process(self, source: str, values: np.ndarray) -> BatchResult:
         """Score a (B, F) batch of one source in arrival order, then learn from it."""
         state = self._source(source)
-        z = state.scaler.transform(values)
+        # Rows of the scaler warm-up are learned first, so the later rows of the same batch
+        # are standardized with statistics of earlier rows only.
+        n_warmup = min(values.shape[0], max(0, self.edge.scaler_warmup_rows - state.scaler.count))
+        state.scaler.learn(values[:n_warmup])
+        scored = values[n_warmup:]
+        z = state.scaler.transform(scored)
         hst = state.hst.score_and_learn(z) if self.with_hst else np.zeros(z.shape[0])
-        l2 = np.linalg.norm(z, axis=1).astype(np.float64)
+        hst = _after_warmup(n_warmup, hst, 0.0)
+        l2 = _after_warmup(n_warmup, np.linalg.norm(z, axis=1).astype(np.float64), 0.0)
 
         if state.context is None:
             reconstruction = self.detector.reconstruction_error(z)
-            score = reconstruction.mean(axis=1)
-            threshold = state.threshold.thresholds_for(score)
-            top = np.argsort(-reconstruction, axis=1)[:, :3]
+            score = _after_warmup(n_warmup, reconstruction.mean(axis=1), 0.0)
+            threshold = state.threshold.thresholds_for(score[n_warmup:])
+            threshold = _after_warmup(n_warmup, threshold, np.inf)
+            top = _after_warmup(n_warmup, np.argsort(-reconstruction, axis=1)[:, :3], 0)
             self.window.extend(z)
         else:
             score, threshold, top = self._process_context(state.context, values)
 
-        state.scaler.learn(values)
+        state.scaler.learn(scored)
         state.seen += values.shape[0]
         self.events_since_training += values.shape[0]
         return BatchResult(
@@ -275,3 +284,9 @@ class EdgePipeline:
         delta = self.detector.train(data)
         self.events_since_training = 0
         return delta, data.shape[0]
+
+
+def _after_warmup(n_warmup: int, values: np.ndarray, fill: float) -> np.ndarray:
+    """Prepend ``n_warmup`` rows of ``fill`` to the per-row ``values`` of the scored rows."""
+    head = np.full((n_warmup, *values.shape[1:]), fill, dtype=values.dtype)
+    return np.concatenate([head, values])

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 import numpy as np
 
 from fanomad_stream.evaluate.metrics import DetectionMetrics, evaluate_scores
-from fanomad_stream.replay.traces import FaultCase, WindowLabel
+from fanomad_stream.replay.traces import FaultCase, WindowLabel, label_times
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,70 @@ def window_rows(
             )
         )
     return rows
+
+
+def split_long_windows(windows: Sequence[WindowLabel]) -> list[WindowLabel]:
+    """Cut each window much longer than the median fault window into parts of about that length.
+
+    A window's score is the max over its events, and the max over three minutes of normal
+    events is higher than over one, so a long fault-free window (the Nezha 2023-01-29 one
+    spans about 168 s against about 60 s per fault window) would look more anomalous for its
+    length alone. A window longer than 1.5 median lengths becomes ``round(length / median)``
+    equal parts named ``<window>.<part>``. The other windows are kept as they are.
+    """
+    lengths = [w.last_unix - w.first_unix for w in windows if w.label == 1]
+    if not lengths:
+        return list(windows)
+    median = float(np.median(lengths))
+    result = []
+    for window in windows:
+        length = window.last_unix - window.first_unix
+        if median <= 0 or length <= 1.5 * median:
+            result.append(window)
+            continue
+        parts = round(length / median)
+        edges = np.linspace(window.first_unix, window.last_unix, parts + 1)
+        for part in range(parts):
+            result.append(
+                replace(
+                    window,
+                    window=f"{window.window}.{part + 1}",
+                    first_unix=float(edges[part]),
+                    last_unix=float(edges[part + 1]),
+                )
+            )
+    return result
+
+
+def quiet_windows(
+    ts: np.ndarray, cases: Sequence[FaultCase], gap_s: float, length_s: float = 60.0
+) -> list[WindowLabel]:
+    """Return fault-free windows of ``length_s`` over the times ``ts``, far from every case.
+
+    The windows tile UTC time from the epoch, and a window is kept when it holds a time of
+    ``ts`` and lies at least ``gap_s`` from the time span of every case in ``cases`` (pass all
+    cases, shipped or not). It is named ``quiet-HH_MM`` after its start. Streams that cover
+    more than the shipped windows, such as the per-pod metrics, get negatives this way that
+    are not the first minutes of a day.
+    """
+    if gap_s < 0 or length_s <= 0:
+        msg = f"gap_s must be >= 0 and length_s > 0, got {gap_s!r} and {length_s!r}"
+        raise ValueError(msg)
+    starts = np.unique(np.floor(np.asarray(ts, dtype=np.float64) / length_s)) * length_s
+    windows = []
+    for start in starts.tolist():
+        end = start + length_s
+        if any(start < case.end_unix + gap_s and case.inject_unix < end + gap_s for case in cases):
+            continue
+        moment = datetime.fromtimestamp(start, UTC)
+        # The end is open: the last instant before the next window starts.
+        last = float(np.nextafter(end, start))
+        windows.append(
+            WindowLabel(
+                moment.strftime("%Y-%m-%d"), moment.strftime("quiet-%H_%M"), "", 0, start, last
+            )
+        )
+    return windows
 
 
 def evaluate_windows(rows: Sequence[WindowRow]) -> DetectionMetrics:
@@ -99,6 +164,29 @@ def service_hits(
         top = counts.most_common(1)[0][0] if counts else ""
         hits.append(CaseHit(case.case_id, case.service, int(inside.shape[0]), named, top, rank))
     return hits
+
+
+def service_labels(
+    ts: np.ndarray, services: Sequence[str], labels: np.ndarray, cases: Sequence[FaultCase]
+) -> np.ndarray:
+    """Relabel events for the per-service view of a fault: only the injected service is positive.
+
+    An event labelled 1 stays 1 when it belongs to the injected service of the case whose time
+    span contains it, and becomes -1 (left out) otherwise, because the labels cannot tell
+    whether another service's events carry the fault's effects. Events labelled 0 or -1 keep
+    their label.
+    """
+    labels = np.asarray(labels, dtype=np.int8)
+    if labels.shape[0] != len(services):
+        msg = f"got {labels.shape[0]} labels but {len(services)} services"
+        raise ValueError(msg)
+    case_index = label_times(ts, cases)
+    result = labels.copy()
+    for i in np.flatnonzero(labels == 1):
+        case = int(case_index[i])
+        if case < 0 or services[int(i)] != cases[case].service:
+            result[i] = -1
+    return result
 
 
 def top_k_accuracy(hits: Sequence[CaseHit], k: int) -> float:

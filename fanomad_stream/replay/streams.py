@@ -31,6 +31,7 @@ from fanomad_stream.replay.logs import (
     read_thunderbird,
 )
 from fanomad_stream.replay.traces import (
+    METRIC_INTERVAL_S,
     PodMetrics,
     label_times,
     read_cases,
@@ -145,7 +146,8 @@ def load_nezha_metrics(
     Rows are kept within ``margin_s`` of a shipped fault or fault-free window, so the
     metrics cover the same minutes as the spans and logs. ``indices`` numbers the rows of each
     service (the record key) in time order.
-    A row is labelled 1 inside any of the 45 fault cases (see ``label_times``).
+    A row is labelled 1 when the middle of the minute it summarises lies inside any of the 45
+    fault cases (see ``label_times`` and ``METRIC_INTERVAL_S``).
     """
     folder = data_dir or NEZHA_DIR
     files = sorted(folder.glob(pattern))
@@ -181,7 +183,7 @@ def load_nezha_metrics(
         ts=all_ts[order],
         values=np.concatenate(rows)[order],
         indices=numbers,
-        labels=(label_times(all_ts[order], cases) >= 0).astype(np.int8),
+        labels=(label_times(all_ts[order] - METRIC_INTERVAL_S / 2, cases) >= 0).astype(np.int8),
     )
 
 

@@ -15,7 +15,10 @@ from fanomad_stream.evaluate.logs import (
 )
 from fanomad_stream.evaluate.traces import (
     evaluate_windows,
+    quiet_windows,
     service_hits,
+    service_labels,
+    split_long_windows,
     top_k_accuracy,
     window_rows,
 )
@@ -151,3 +154,53 @@ def test_service_hits_length_mismatch() -> None:
     """Alert times and services of different lengths raise ValueError with both counts."""
     with pytest.raises(ValueError, match="2 alert times but 1 services"):
         service_hits(np.array([1.0, 2.0]), ["x"], CASES)
+
+
+def test_split_long_fault_free_window() -> None:
+    """A fault-free window three fault windows long becomes three parts; others stay whole."""
+    windows = [
+        WindowLabel("d", "00_02", "c", 1, 60.0, 119.0),
+        WindowLabel("d", "00_03", "c", 1, 120.0, 181.0),
+        WindowLabel("d", "00_09", "", 0, 300.0, 480.0),
+        WindowLabel("d", "00_12", "", 0, 600.0, 670.0),
+    ]
+    split = split_long_windows(windows)
+    assert [w.window for w in split] == ["00_02", "00_03", "00_09.1", "00_09.2", "00_09.3", "00_12"]
+    assert [(w.first_unix, w.last_unix) for w in split[2:5]] == [
+        (300.0, 360.0),
+        (360.0, 420.0),
+        (420.0, 480.0),
+    ]
+    assert all(w.label == 0 for w in split[2:])
+
+
+def test_split_keeps_windows_without_faults() -> None:
+    windows = [WindowLabel("d", "00_09", "", 0, 300.0, 480.0)]
+    assert split_long_windows(windows) == windows
+
+
+def test_quiet_windows_keep_gap() -> None:
+    """Minute windows holding an event and at least gap_s from every case are fault-free."""
+    cases = [FaultCase("a", 1000.0, 1100.0, "contacts", "contacts-x-y", "cpu", False)]
+    ts = np.array([30.0, 45.0, 370.0, 430.0, 1050.0, 1710.0, 1750.0, 2000.0])
+    windows = quiet_windows(ts, cases, gap_s=600.0)
+    # [360, 420) ends 580 s before the injection and [1680, 1740) starts 580 s after the end
+    assert [w.first_unix for w in windows] == [0.0, 1740.0, 1980.0]
+    assert all(w.label == 0 for w in windows)
+    assert windows[0].window == "quiet-00_00"
+    assert windows[0].date == "1970-01-01"
+    assert 59.9 < windows[0].last_unix < 60.0
+    with pytest.raises(ValueError, match="gap_s"):
+        quiet_windows(ts, cases, gap_s=-1.0)
+
+
+def test_service_labels_keep_injected_only() -> None:
+    """Inside a case only the injected service stays positive; the rest is left out."""
+    ts = np.array([50.0, 150.0, 160.0, 170.0, 350.0])
+    services = ["contacts", "contacts", "food", "contacts", "food"]
+    labels = np.array([0, 1, 1, -1, 1], dtype=np.int8)
+    assert service_labels(ts, services, labels, CASES).tolist() == [0, 1, -1, -1, 1]
+    # a positive event outside every known case cannot be matched to a service
+    assert service_labels(np.array([250.0]), ["food"], np.array([1]), CASES).tolist() == [-1]
+    with pytest.raises(ValueError, match="2 labels but 1 services"):
+        service_labels(ts[:2], ["x"], labels[:2], CASES)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fanomad_stream.evaluate.modalities import (
+    WARMING_UP,
     ModalitySeries,
     combined_row,
     evaluate_series,
@@ -137,3 +138,75 @@ def test_log_pca_flags_rare_window() -> None:
     scores = log_pca_scores(records + odd, n_buckets=16)
     assert scores.shape == (len(records) + len(odd),)
     assert scores[-1] > scores[: len(records)].max()
+
+
+def test_join_shifts_interval_and_marks_warmup() -> None:
+    """A one-minute sample counts at the middle of its minute; warming thresholds are marked."""
+    scores = [
+        _keyed(
+            "svc-a",
+            "score",
+            "edge",
+            120.0,
+            index=0,
+            score=0.5,
+            alert=False,
+            modality="metrics",
+            threshold=WARMING_UP,
+        ),
+        _keyed(
+            "svc-a",
+            "score",
+            "edge",
+            180.0,
+            index=1,
+            score=0.7,
+            alert=True,
+            modality="metrics",
+            threshold=0.6,
+        ),
+    ]
+    series = join_series(scores, [], "nezha-metrics", "metrics", interval_s=60.0)
+    assert series.ts.tolist() == [90.0, 150.0]
+    assert series.ready is not None
+    assert series.ready.tolist() == [False, True]
+
+
+def test_windows_skip_warming_events() -> None:
+    """An event whose threshold was still warming up scores no window."""
+    series = ModalitySeries(
+        np.array([10.0, 70.0, 80.0]),
+        np.arange(3),
+        np.array([9.0, 0.2, 0.8]),
+        np.array([False, False, True]),
+        np.array([0, 1, 1], dtype=np.int8),
+        ["svc-a", "svc-b", "svc-b"],
+        ready=np.array([False, True, True]),
+    )
+    row = evaluate_series("metrics", series, WINDOWS, CASES)
+    assert row.windows == 1  # the fault-free window held only the warming event
+    assert row.events == 3
+
+
+def test_service_view_beside_event_labels() -> None:
+    """The service view drops other services' events in a case and keeps both rows' counts."""
+    series = ModalitySeries(
+        np.array([10.0, 20.0, 70.0, 80.0, 90.0]),
+        np.arange(5),
+        np.array([0.1, 0.3, 0.9, 0.2, 0.4]),
+        np.array([False, False, True, False, False]),
+        np.array([0, 0, 1, 1, 1], dtype=np.int8),
+        ["svc-a", "svc-a", "svc-b", "svc-a", "svc-b"],
+        hst=np.array([0.5, 0.1, 0.2, 0.9, 0.3]),
+    )
+    row = evaluate_series("metrics", series, WINDOWS, CASES, label_cases=CASES)
+    assert row.positives == 3
+    assert row.service_positives == 2
+    # svc-b's two events (0.9, 0.4) against the two normal ones (0.1, 0.3)
+    assert row.service_auroc == 1.0
+    # HST ranks 0.5 (normal), 0.3, 0.2 (svc-b), 0.1 (normal)
+    assert row.service_hst_pr_auc == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert 0.0 < row.service_random_pr_auc <= 1.0
+    without = evaluate_series("traces", series, WINDOWS, CASES)
+    assert without.service_positives == 0
+    assert math.isnan(without.service_auroc)

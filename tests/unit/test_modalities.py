@@ -206,3 +206,15 @@ async def test_commit_failure_counted_not_raised(tmp_path: Path) -> None:
         await client._commit()
     assert client.counters.commit_failures == 2
     assert [entry["event"] for entry in logs] == ["commit_failed", "commit_failed"]
+
+
+@pytest.mark.skipif(not NEZHA_DIR.is_dir(), reason="Nezha data not found beside the checkout")
+def test_nezha_metric_label_at_minute_middle() -> None:
+    """A row counts at the middle of the minute it sums up (case injected at 13:31:54)."""
+    rows = load_nezha_metrics(NEZHA_DIR, margin_s=60.0)
+    contacts = np.array([service == "ts-contacts-service" for service in rows.services])
+    ts, labels = rows.ts[contacts], rows.labels[contacts]
+    # 2023-01-29 13:32:10 sums up 13:31:10-13:32:10, mostly before the injection
+    assert labels[ts == 1674999130.0].tolist() == [0]
+    # 2023-01-29 13:33:09 sums up the first whole faulty minute
+    assert labels[ts == 1674999189.0].tolist() == [1]
