@@ -117,7 +117,7 @@ class ContextScoringSettings(_Section):
     ema_alpha: float = Field(default=0.1, gt=0.0, le=1.0)
     # Probability that a normal score exceeds the SPOT threshold, in (0, 1).
     spot_risk: float = Field(default=1e-3, gt=0.0, lt=1.0)
-    # Upper bound on the SPOT threshold as a multiple of the median calibration score; null
+    # Upper bound on the SPOT threshold as a multiple of the median calibration score. Null
     # leaves it uncapped.
     spot_median_cap: float | None = Field(default=13.0, gt=0.0, allow_inf_nan=False)
     # Scores the SPOT threshold calibrates on before it decides; its initial level is their
@@ -125,8 +125,8 @@ class ContextScoringSettings(_Section):
     spot_warmup: int = Field(default=2_000, ge=500)
     # Divide each feature's reconstruction error by its mean on recent rows.
     normalize_errors: bool = False
-    # Weight of a level feature's error in the score against 1 for a first difference; 0
-    # scores the reconstructed differences only.
+    # Weight of a level feature's error in the score against 1 for a first difference. With
+    # 0, only the reconstructed differences are scored.
     level_weight: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
 
 

@@ -45,7 +45,7 @@ class PipelineConfig:
     spot_risk, spot_warmup, spot_depth
         ``SpotThreshold`` risk, calibration length and DSPOT depth (0 is plain SPOT).
     spot_median_cap
-        Upper bound on the threshold, as a multiple of the median calibration score; None
+        Upper bound on the threshold, as a multiple of the median calibration score. None
         leaves it uncapped (see ``SpotThreshold``).
     normalize_errors
         Divide each feature's squared reconstruction error by its mean over the calibration
@@ -85,7 +85,7 @@ class PipelineConfig:
 
 
 def column_weights(n_features: int, level_weight: float) -> np.ndarray:
-    """Return the score weight of each of the 2F context features; they sum to 1.
+    """Return the score weights of the 2F context features, which sum to 1.
 
     The F level features get ``level_weight`` each and the F first differences get 1.
     """

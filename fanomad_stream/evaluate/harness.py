@@ -125,7 +125,7 @@ class HeldOutChoice:
 
 
 def leave_one_machine_out(rows: Sequence[RowResult], metric: str) -> list[HeldOutChoice]:
-    """Choose a row on all machines but one, report it on that one; repeat for every machine.
+    """Choose a row on all machines but one and report it on that one, for every machine.
 
     A row's value on a set of machines is its metric averaged over those machines and over
     the seeds. Ties go to the row that comes first in ``rows``. ``best_on_machine`` is the

@@ -145,7 +145,7 @@ def _row(name: str, auroc_by_machine: dict[str, float]) -> harness.RowResult:
     return harness.RowResult(name, per_seed, per_machine, 0.0)
 
 
-def test_leave_one_machine_out_chooses_on_the_other_machines() -> None:
+def test_held_out_choice_skips_machine() -> None:
     # "wide" wins on m1 and m2 together; "narrow" wins only on m3, by a large margin.
     rows = [
         _row("wide", {"m1": 0.9, "m2": 0.9, "m3": 0.5}),
@@ -161,7 +161,7 @@ def test_leave_one_machine_out_chooses_on_the_other_machines() -> None:
     assert "| mean |" in harness.format_held_out(rows, "auroc")
 
 
-def test_leave_one_machine_out_rejects_unknown_metric() -> None:
+def test_held_out_rejects_unknown_metric() -> None:
     with pytest.raises(ValueError, match="unknown metric"):
         harness.leave_one_machine_out([_row("a", {"m1": 0.5})], "accuracy")
 
