@@ -116,12 +116,18 @@ class ContextScoringSettings(_Section):
     # Weight of the newest score in the moving average, in (0, 1]; 1 turns smoothing off.
     ema_alpha: float = Field(default=0.1, gt=0.0, le=1.0)
     # Probability that a normal score exceeds the SPOT threshold, in (0, 1).
-    spot_risk: float = Field(default=3e-3, gt=0.0, lt=1.0)
+    spot_risk: float = Field(default=1e-3, gt=0.0, lt=1.0)
+    # Upper bound on the SPOT threshold as a multiple of the median calibration score. Null
+    # leaves it uncapped.
+    spot_median_cap: float | None = Field(default=13.0, gt=0.0, allow_inf_nan=False)
     # Scores the SPOT threshold calibrates on before it decides; its initial level is their
     # 98th percentile, and the fit needs at least 10 scores above it.
     spot_warmup: int = Field(default=2_000, ge=500)
     # Divide each feature's reconstruction error by its mean on recent rows.
-    normalize_errors: bool = True
+    normalize_errors: bool = False
+    # Weight of a level feature's error in the score against 1 for a first difference. With
+    # 0, only the reconstructed differences are scored.
+    level_weight: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
 
 
 class EdgeSettings(_Section):
@@ -157,7 +163,7 @@ class EdgeSettings(_Section):
     scaler_warmup_rows: int = Field(default=10, ge=0)
     threshold: ThresholdSettings = ThresholdSettings()
     # "baseline": standardized row → autoencoder error → rolling quantile threshold.
-    # "context": level and first-difference features, normalized errors, EMA and SPOT
+    # "context": level and first-difference features, difference errors, EMA and capped SPOT
     # (``detect.pipeline.ContextPipeline``), settings in ``context``.
     scoring: Literal["baseline", "context"] = "context"
     context: ContextScoringSettings = ContextScoringSettings()

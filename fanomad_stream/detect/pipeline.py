@@ -1,8 +1,9 @@
 """Per-source scoring pipeline of the edge client: context features, autoencoder, EMA, SPOT.
 
 ``ContextPipeline.process`` runs one batch of raw rows in the streaming order. It computes
-features from the scaler state before the batch, the reconstruction error, the smoothed
-score and a threshold fitted on past scores only. Only then do the scalers and the
+features from the scaler state before the batch, the reconstruction error (by default of the
+first differences only, with the levels as the autoencoder's context), the smoothed score
+and a threshold fitted on past scores only. Only then do the scalers and the
 threshold learn the batch.
 ``train`` runs local epochs on a window of feature rows and returns the weight delta that a
 FedAvg round averages. The scalers learn the first ``warmup_rows`` rows and then freeze
@@ -13,6 +14,7 @@ SMD evaluation harness (``fanomad_stream.evaluate.harness``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,9 +44,16 @@ class PipelineConfig:
         Weight of the newest score in the exponential moving average, in (0, 1].
     spot_risk, spot_warmup, spot_depth
         ``SpotThreshold`` risk, calibration length and DSPOT depth (0 is plain SPOT).
+    spot_median_cap
+        Upper bound on the threshold, as a multiple of the median calibration score. None
+        leaves it uncapped (see ``SpotThreshold``).
     normalize_errors
         Divide each feature's squared reconstruction error by its mean over the calibration
         window (floored at ``error_scale_floor``) before averaging over features.
+    level_weight
+        Weight of a level feature's error in the score, against 1 for a first-difference
+        feature, >= 0. The score is the weighted mean of the errors; 0 scores the reconstructed
+        differences only, while the autoencoder still reads and reconstructs the levels.
     warmup_rows
         Rows the scalers learn before they freeze. The measured configuration froze them after
         an SMD train half (about 23,700 rows).
@@ -59,13 +68,31 @@ class PipelineConfig:
     learning_rate: float = 1e-3
     batch_size: int = 64
     ema_alpha: float = 0.1
-    spot_risk: float = 3e-3
+    spot_risk: float = 1e-3
     spot_warmup: int = 2000
     spot_depth: int = 0
-    normalize_errors: bool = True
+    spot_median_cap: float | None = 13.0
+    normalize_errors: bool = False
+    level_weight: float = 0.0
     error_scale_floor: float = 1e-3
     warmup_rows: int = 20000
     learn_during_stream: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.level_weight) and self.level_weight >= 0):
+            msg = f"level_weight must be a finite number >= 0, got {self.level_weight!r}"
+            raise ValueError(msg)
+
+
+def column_weights(n_features: int, level_weight: float) -> np.ndarray:
+    """Return the score weights of the 2F context features, which sum to 1.
+
+    The F level features get ``level_weight`` each and the F first differences get 1.
+    """
+    weights = np.ones(2 * n_features)
+    weights[:n_features] = level_weight
+    normalized: np.ndarray = weights / weights.sum()
+    return normalized
 
 
 @dataclass(frozen=True)
@@ -122,7 +149,9 @@ class ContextPipeline:
             risk=self.config.spot_risk,
             warmup_events=self.config.spot_warmup,
             depth=self.config.spot_depth,
+            median_cap=self.config.spot_median_cap,
         )
+        self.column_weights = column_weights(n_features, self.config.level_weight)
 
     def process(self, rows: np.ndarray, *, decide: bool = True) -> PipelineBatch:
         """Score a batch of raw rows (B, F) and decide alerts from past scores only.
@@ -143,10 +172,11 @@ class ContextPipeline:
         return PipelineBatch(features, raw, scores, thresholds)
 
     def raw_scores(self, features: np.ndarray) -> np.ndarray:
-        """Return the reconstruction score of each feature row, before smoothing."""
-        if not self.config.normalize_errors:
-            return self.detector.score_batch(features)
-        return np.asarray((self.feature_errors(features) / self.error_scale).mean(axis=1))
+        """Return the weighted reconstruction error of each feature row, before smoothing."""
+        errors = self.feature_errors(features)
+        if self.config.normalize_errors:
+            errors = errors / self.error_scale
+        return np.asarray(errors @ self.column_weights)
 
     @torch.no_grad()
     def feature_errors(self, features: np.ndarray) -> np.ndarray:

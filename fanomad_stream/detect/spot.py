@@ -85,6 +85,13 @@ class SpotThreshold:
         each score before the tail model sees it. 0 gives plain SPOT.
     max_peaks
         Most recent peaks kept for the fit, which bounds memory and fit time on long streams.
+    median_cap
+        If set, the threshold never exceeds ``median_cap`` times the median of the calibration
+        scores (scores must be >= 0). A calibration window that holds anomalies gives the GPD a
+        heavy tail and a threshold above every later anomaly; the cap bounds that. None (the
+        default) leaves the threshold uncapped, as does a calibration median of 0. The cap
+        changes the returned threshold only: the tail model keeps its uncapped level, so
+        scores between the cap and that level still become peaks.
     """
 
     def __init__(
@@ -94,6 +101,7 @@ class SpotThreshold:
         warmup_events: int = 2000,
         depth: int = 0,
         max_peaks: int = 5000,
+        median_cap: float | None = None,
     ) -> None:
         if not 0.0 < risk < 1.0:
             msg = f"risk must be in (0, 1), got {risk!r}"
@@ -114,7 +122,12 @@ class SpotThreshold:
         if depth < 0:
             msg = f"depth must be >= 0 (0 disables drift removal), got {depth!r}"
             raise ValueError(msg)
+        if median_cap is not None and not (math.isfinite(median_cap) and median_cap > 0):
+            msg = f"median_cap must be a finite number > 0 or None (no cap), got {median_cap!r}"
+            raise ValueError(msg)
         self.risk = risk
+        self.median_cap = median_cap
+        self.cap = math.inf
         self.init_quantile = init_quantile
         self.warmup_events = warmup_events
         self.depth = depth
@@ -131,7 +144,7 @@ class SpotThreshold:
     @property
     def current(self) -> float:
         """Threshold on the raw score for the next row (+inf during warm-up)."""
-        return self._z + self._baseline()
+        return min(self._z + self._baseline(), self.cap)
 
     def _baseline(self) -> float:
         if self.depth == 0 or not self._recent:
@@ -162,6 +175,9 @@ class SpotThreshold:
             return
         history = np.concatenate(self._calibration)
         self._calibration = []
+        median = float(np.median(history))
+        if self.median_cap is not None and median > 0:
+            self.cap = self.median_cap * median
         relative = self._detrend_all(history)
         self.level = float(np.quantile(relative, self.init_quantile))
         self._peaks.extend((relative[relative > self.level] - self.level).tolist())

@@ -13,9 +13,10 @@ HST and L2 of 0, and neither the threshold, HST nor the training window sees the
 - ``baseline``: the autoencoder error of the standardized row, and a rolling quantile
   threshold.
 - ``context``: each source runs a ``ContextPipeline`` on the shared autoencoder (level and
-  first-difference features, errors normalized per feature, EMA smoothing, SPOT). Its scalers
-  learn ``edge.context.warmup_rows`` rows and freeze; no alert is raised before, and SPOT
-  calibrates on the last rows of that warm-up. Each feature's error scale is refitted on those
+  first-difference features, the reconstruction error of the differences, EMA smoothing,
+  SPOT with a cap). Its scalers learn ``edge.context.warmup_rows`` rows and freeze; no alert
+  is raised before, and SPOT calibrates on the last rows of that warm-up. With
+  ``edge.context.normalize_errors``, each feature's error scale is refitted on those
   calibration rows whenever the autoencoder's weights change.
 
 The HST and L2 columns come from the standardized row in both modes, so the evaluation's
@@ -167,7 +168,9 @@ class EdgePipeline:
             ema_alpha=context.ema_alpha,
             spot_risk=context.spot_risk,
             spot_warmup=context.spot_warmup,
+            spot_median_cap=context.spot_median_cap,
             normalize_errors=context.normalize_errors,
+            level_weight=context.level_weight,
             warmup_rows=context.warmup_rows,
         )
 
@@ -211,7 +214,8 @@ class EdgePipeline:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Run a batch through the source's ``ContextPipeline`` and return its decisions.
 
-        Returns the scores, the thresholds and the 3 raw columns with the largest error.
+        Returns the scores, the thresholds and the 3 raw columns with the largest share of
+        the score.
         """
         pipeline = context.pipeline
         warmed_up = pipeline.features.levels.count >= pipeline.config.warmup_rows
@@ -241,8 +245,10 @@ class EdgePipeline:
         if not calibrated:
             context.recent.extend(batch.features)
         self.window.extend(batch.features)
-        # A raw column's error is the sum of its level and difference errors.
+        # A raw column's share of the score is the sum of its weighted level and difference
+        # errors, so with the default level weight 0 only the differences explain an alert.
         errors = pipeline.feature_errors(batch.features) / pipeline.error_scale
+        errors = errors * pipeline.column_weights
         by_column = errors[:, : self.n_features] + errors[:, self.n_features :]
         top = np.argsort(-by_column, axis=1)[:, :3]
         return batch.scores, batch.thresholds, top

@@ -114,6 +114,70 @@ def format_table(rows: Sequence[RowResult]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class HeldOutChoice:
+    """The row chosen on every machine but ``machine``, and its metric on ``machine``."""
+
+    machine: str
+    chosen: str
+    held_out: float
+    best_on_machine: float
+
+
+def leave_one_machine_out(rows: Sequence[RowResult], metric: str) -> list[HeldOutChoice]:
+    """Choose a row on all machines but one and report it on that one, for every machine.
+
+    A row's value on a set of machines is its metric averaged over those machines and over
+    the seeds. Ties go to the row that comes first in ``rows``. ``best_on_machine`` is the
+    highest value any row reaches on the held-out machine, which needs that machine's labels.
+    """
+    if not rows:
+        msg = "leave-one-machine-out needs at least one row"
+        raise ValueError(msg)
+    if metric not in METRICS:
+        msg = f"unknown metric {metric!r}; choose one of {METRICS}"
+        raise ValueError(msg)
+    machines = sorted(next(iter(rows[0].per_machine.values())))
+
+    def value(row: RowResult, keep: Sequence[str]) -> float:
+        return float(np.mean([[by[m][metric] for m in keep] for by in row.per_machine.values()]))
+
+    choices = []
+    for held_out in machines:
+        others = [m for m in machines if m != held_out]
+        chosen = max(rows, key=lambda row: value(row, others))
+        choices.append(
+            HeldOutChoice(
+                held_out,
+                chosen.name,
+                value(chosen, [held_out]),
+                max(value(row, [held_out]) for row in rows),
+            )
+        )
+    return choices
+
+
+def format_held_out(rows: Sequence[RowResult], metric: str) -> str:
+    """Render the leave-one-machine-out choices as a Markdown table with the mean last."""
+    choices = leave_one_machine_out(rows, metric)
+    on_all = max(rows, key=lambda row: row.mean(metric))
+    lines = [
+        f"| held-out machine | row chosen on the other machines | {metric} held out | "
+        f"best row on the machine | {on_all.name} (chosen on all) |",
+        "|---|---|---|---|---|",
+    ]
+    for choice in choices:
+        own = float(np.mean([by[choice.machine][metric] for by in on_all.per_machine.values()]))
+        lines.append(
+            f"| {choice.machine} | {choice.chosen} | {choice.held_out:.3f} | "
+            f"{choice.best_on_machine:.3f} | {own:.3f} |"
+        )
+    mean = np.mean([c.held_out for c in choices])
+    best = np.mean([c.best_on_machine for c in choices])
+    lines.append(f"| mean | | {mean:.3f} | {best:.3f} | {on_all.mean(metric):.3f} |")
+    return "\n".join(lines)
+
+
 def run(
     data_dir: Path,
     scorers: Mapping[str, Scorer],
@@ -132,10 +196,24 @@ def all_rows() -> dict[str, Scorer]:
     return {**BASELINES, **SYSTEM_ROWS}
 
 
+def load_results(path: Path) -> list[RowResult]:
+    """Read the rows that ``--json`` wrote to ``path``."""
+    payload = json.loads(path.read_text())
+    return [
+        RowResult(
+            item["name"],
+            {int(seed): values for seed, values in item["per_seed"].items()},
+            {int(seed): values for seed, values in item["per_machine"].items()},
+            float(item["seconds"]),
+        )
+        for item in payload
+    ]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate detectors on the SMD machines.")
     parser.add_argument(
-        "--data-dir", type=Path, required=True, help="SMD folder with train/, test/, test_label/"
+        "--data-dir", type=Path, default=None, help="SMD folder with train/, test/, test_label/"
     )
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds; each row runs once per seed"
@@ -148,6 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--json", type=Path, default=None, help="also write per-seed and per-machine metrics here"
+    )
+    parser.add_argument(
+        "--held-out",
+        choices=METRICS,
+        default=None,
+        help="also choose a row by this metric on 6 machines and report it on the 7th",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="read rows from files that --json wrote instead of scoring (with --held-out)",
     )
     parser.add_argument("--list", action="store_true", help="print the row names and exit")
     parser.add_argument(
@@ -172,11 +263,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             msg = f"unknown rows {unknown}; run with --list to see the row names"
             raise SystemExit(msg)
         rows = {name: rows[name] for name in args.rows}
+    if args.from_json is not None:
+        results = [
+            row
+            for path in args.from_json
+            for row in load_results(path)
+            if args.rows is None or row.name in rows
+        ]
+        print(format_table(results))
+        if args.held_out is not None:
+            print()
+            print(format_held_out(results, args.held_out))
+        return 0
+    if args.data_dir is None:
+        msg = "--data-dir is required unless --from-json is given"
+        raise SystemExit(msg)
     # Several intra-op threads spin against each other when other processes load the CPU.
     torch.set_num_threads(args.threads)
     results = run(args.data_dir, rows, args.seeds, args.machines)
     print(f"seeds {args.seeds}, machines {args.machines}, point-wise metrics, mean over machines")
     print(format_table(results))
+    if args.held_out is not None:
+        print()
+        print(format_held_out(results, args.held_out))
     if args.json is not None:
         payload = [
             {

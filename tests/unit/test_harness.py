@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from fanomad_stream.evaluate import harness
 from fanomad_stream.evaluate.baselines import BASELINES, ScoreSet, score_l2
 from fanomad_stream.evaluate.smd import MachineSeries, load_series, load_test_labels
-from fanomad_stream.evaluate.system import SHIPPED, make_system_scorer
+from fanomad_stream.evaluate.system import PRIVATE, SHIPPED, make_system_scorer
 
 MACHINES = ("machine-1-2", "machine-1-3")
 ROWS = 600
@@ -133,3 +134,64 @@ def test_main_prints_selected_rows(smd_dir: Path, capsys: pytest.CaptureFixture[
 def test_main_rejects_unknown_row(smd_dir: Path) -> None:
     with pytest.raises(SystemExit, match="--list"):
         harness.main(["--data-dir", str(smd_dir), "--rows", "no such row"])
+
+
+def _row(name: str, auroc_by_machine: dict[str, float]) -> harness.RowResult:
+    per_machine = {
+        seed: {m: dict.fromkeys(harness.METRICS, value) for m, value in auroc_by_machine.items()}
+        for seed in (0, 1)
+    }
+    per_seed = {seed: {"auroc": 0.0} for seed in (0, 1)}
+    return harness.RowResult(name, per_seed, per_machine, 0.0)
+
+
+def test_held_out_choice_skips_machine() -> None:
+    # "wide" wins on m1 and m2 together; "narrow" wins only on m3, by a large margin.
+    rows = [
+        _row("wide", {"m1": 0.9, "m2": 0.9, "m3": 0.5}),
+        _row("narrow", {"m1": 0.8, "m2": 0.85, "m3": 0.99}),
+    ]
+    choices = {c.machine: c for c in harness.leave_one_machine_out(rows, "auroc")}
+    assert choices["m3"].chosen == "wide"
+    assert choices["m3"].held_out == pytest.approx(0.5)
+    assert choices["m3"].best_on_machine == pytest.approx(0.99)
+    # Without m1, the means are 0.7 and 0.92: the held-out figure is narrow's 0.8 on m1.
+    assert choices["m1"].chosen == "narrow"
+    assert choices["m1"].held_out == pytest.approx(0.8)
+    assert "| mean |" in harness.format_held_out(rows, "auroc")
+
+
+def test_held_out_rejects_unknown_metric() -> None:
+    with pytest.raises(ValueError, match="unknown metric"):
+        harness.leave_one_machine_out([_row("a", {"m1": 0.5})], "accuracy")
+
+
+def test_json_rows_read_back_for_held_out(
+    smd_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "rows.json"
+    argv = ["--data-dir", str(smd_dir), "--seeds", "0", "1", "--machines", *MACHINES]
+    assert harness.main([*argv, "--rows", "random", "--json", str(path)]) == 0
+    rows = harness.load_results(path)
+    assert [row.name for row in rows] == ["random"]
+    assert set(rows[0].per_seed) == {0, 1}
+    capsys.readouterr()
+    assert harness.main(["--from-json", str(path), "--held-out", "auroc"]) == 0
+    assert "| held-out machine |" in capsys.readouterr().out
+
+
+def test_private_row_spends_at_most_epsilon_8() -> None:
+    assert 0 < PRIVATE.dp_epsilon() <= 8
+    assert math.isinf(SHIPPED.dp_epsilon())
+
+
+def test_private_training_changes_the_model(smd_dir: Path) -> None:
+    series = _series(smd_dir)
+    small_private = replace(PRIVATE, rounds=2, local_epochs=1, spot_warmup=500)
+    plain = make_system_scorer(replace(small_private, dp_noise_multiplier=0.0))(series, 0)
+    private = make_system_scorer(small_private)(series, 0)
+    again = make_system_scorer(small_private)(series, 0)
+    machine = MACHINES[0]
+    assert not np.allclose(plain[machine].test_scores, private[machine].test_scores)
+    # The harness keys the noise from the seed, so a private row is reproducible.
+    assert np.array_equal(private[machine].test_scores, again[machine].test_scores)

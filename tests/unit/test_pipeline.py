@@ -28,8 +28,8 @@ def _series(rows: int = 800, seed: int = 0) -> MachineSeries:
     return MachineSeries("machine-1-2", values[:rows], values[rows:])
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_pipeline_matches_harness_local_row(normalize: bool) -> None:
+@pytest.mark.parametrize(("normalize", "level_weight"), [(True, 1.0), (False, 0.0), (False, 0.5)])
+def test_pipeline_matches_harness_local_row(normalize: bool, level_weight: float) -> None:
     series = _series()
     config = replace(
         SHIPPED,
@@ -38,11 +38,16 @@ def test_pipeline_matches_harness_local_row(normalize: bool) -> None:
         local_epochs=1,
         spot_warmup=500,
         normalize_errors=normalize,
+        level_weight=level_weight,
     )
     expected = make_system_scorer(config)({"machine-1-2": series}, 3)["machine-1-2"]
 
     settings = PipelineConfig(
-        local_epochs=1, spot_warmup=500, warmup_rows=500, normalize_errors=normalize
+        local_epochs=1,
+        spot_warmup=500,
+        warmup_rows=500,
+        normalize_errors=normalize,
+        level_weight=level_weight,
     )
     pipeline = ContextPipeline(6, settings, seed=3)
     train_x = pipeline.features.fit_transform(series.train)
@@ -100,9 +105,36 @@ def test_pipeline_scalers_freeze_after_warmup() -> None:
 
 def test_error_scales_equalize_features() -> None:
     series = _series()
-    pipeline = ContextPipeline(6, seed=0)
+    pipeline = ContextPipeline(6, PipelineConfig(normalize_errors=True), seed=0)
     train_x = pipeline.features.fit_transform(series.train)
     pipeline.train(train_x)
     pipeline.calibrate(train_x)
     normalized = pipeline.feature_errors(train_x) / pipeline.error_scale
     assert np.allclose(normalized.mean(axis=0), 1.0, atol=1e-6)
+
+
+def test_default_score_is_the_mean_difference_error() -> None:
+    series = _series()
+    pipeline = ContextPipeline(6, seed=0)
+    train_x = pipeline.features.fit_transform(series.train)
+    pipeline.train(train_x)
+    errors = pipeline.feature_errors(train_x)
+    assert np.allclose(pipeline.raw_scores(train_x), errors[:, 6:].mean(axis=1))
+    equal = ContextPipeline(6, PipelineConfig(level_weight=1.0), detector=pipeline.detector)
+    assert np.allclose(equal.raw_scores(train_x), errors.mean(axis=1))
+
+
+def test_level_weight_moves_the_score_towards_level_errors() -> None:
+    rows = _series().train
+    pipeline = ContextPipeline(6, PipelineConfig(warmup_rows=400), seed=0)
+    features = pipeline.features.fit_transform(rows)
+    errors = pipeline.feature_errors(features)
+    levels, differences = errors[:, :6].mean(axis=1), errors[:, 6:].mean(axis=1)
+    half = ContextPipeline(6, PipelineConfig(level_weight=0.5), detector=pipeline.detector)
+    assert np.allclose(half.raw_scores(features), (0.5 * levels + differences) / 1.5)
+
+
+@pytest.mark.parametrize("level_weight", [-0.1, float("nan"), float("inf")])
+def test_level_weight_is_validated(level_weight: float) -> None:
+    with pytest.raises(ValueError, match="level_weight"):
+        PipelineConfig(level_weight=level_weight)

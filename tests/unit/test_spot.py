@@ -98,8 +98,62 @@ def test_dspot_follows_slow_drift() -> None:
         ({"warmup_events": 10}, "warmup_events"),
         ({"depth": -1}, "depth"),
         ({"warmup_events": 100, "init_quantile": 0.95}, "calibration peaks"),
+        ({"median_cap": 0.0}, "median_cap"),
+        ({"median_cap": float("inf")}, "median_cap"),
     ],
 )
 def test_spot_rejects_invalid_parameters(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SpotThreshold(**kwargs)  # type: ignore[arg-type]
+
+
+def _heavy_calibration(rng: np.random.Generator) -> np.ndarray:
+    """Exp(1) scores with a block of large values, like a calibration window with anomalies."""
+    scores = rng.exponential(size=2000)
+    scores[1000:1100] = rng.uniform(20.0, 40.0, size=100)
+    return scores
+
+
+def test_median_cap_bounds_the_threshold() -> None:
+    rng = np.random.default_rng(5)
+    calibration = _heavy_calibration(rng)
+    capped = SpotThreshold(risk=1e-3, warmup_events=2000, median_cap=5.0)
+    uncapped = SpotThreshold(risk=1e-3, warmup_events=2000)
+    capped.learn(calibration)
+    uncapped.learn(calibration)
+    cap = 5.0 * float(np.median(calibration))
+    assert uncapped.current > cap
+    assert capped.current == pytest.approx(cap)
+    stream = rng.exponential(size=300)
+    assert np.all(capped.thresholds_for(stream) == pytest.approx(cap))
+
+
+def test_median_cap_leaves_the_tail_model_alone() -> None:
+    rng = np.random.default_rng(6)
+    calibration, stream = _heavy_calibration(rng), rng.exponential(size=1000)
+    capped = SpotThreshold(risk=1e-3, warmup_events=2000, median_cap=5.0)
+    uncapped = SpotThreshold(risk=1e-3, warmup_events=2000)
+    for spot in (capped, uncapped):
+        spot.learn(calibration)
+        spot.learn(stream)
+    assert (capped.level, capped.gamma, capped.sigma) == (
+        uncapped.level,
+        uncapped.gamma,
+        uncapped.sigma,
+    )
+
+
+def test_median_cap_below_a_light_tail_changes_nothing() -> None:
+    scores = np.random.default_rng(7).exponential(size=3000)
+    capped = SpotThreshold(risk=1e-3, warmup_events=2000, median_cap=1000.0)
+    uncapped = SpotThreshold(risk=1e-3, warmup_events=2000)
+    assert np.array_equal(capped.thresholds_for(scores), uncapped.thresholds_for(scores))
+    assert capped.current == uncapped.current
+
+
+def test_median_cap_is_off_for_a_zero_median() -> None:
+    scores = np.zeros(2000)
+    scores[-100:] = np.random.default_rng(8).exponential(size=100)
+    spot = SpotThreshold(warmup_events=2000, median_cap=5.0)
+    spot.learn(scores)
+    assert math.isinf(spot.cap)
