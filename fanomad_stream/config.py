@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fanomad_stream.errors import ConfigError
 from fanomad_stream.federate.strategy_settings import BufferedAsyncSettings, StrategySettings
@@ -281,13 +288,44 @@ class TracesSettings(_Section):
     n_service_buckets: int = Field(default=16, ge=1, le=65_536)
 
 
-class NezhaSettings(_Section):
-    """The multimodal demo's Nezha replay: which data, and how much of it."""
+ModalityName = Literal["metrics", "logs", "traces"]
+ALL_MODALITIES: tuple[ModalityName, ...] = ("metrics", "logs", "traces")
 
+
+class NezhaSettings(_Section):
+    """The multimodal demo's Nezha replay: which modalities and data, and how much of it."""
+
+    # The modalities the demo replays, scores and evaluates, each its own federation.
+    modalities: list[ModalityName] = Field(default_factory=lambda: [*ALL_MODALITIES], min_length=1)
     data_dir: Path | None = None  # default: the copy beside the checkout
     metric_margin_s: float = Field(default=600.0, ge=0)
     log_limit: int | None = Field(default=None, ge=1)
     span_limit: int | None = Field(default=None, ge=1)
+    timeout_s: float = Field(default=600.0, gt=0)
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities_unique(cls, modalities: list[ModalityName]) -> list[ModalityName]:
+        if len(set(modalities)) != len(modalities):
+            msg = "must not repeat a modality; list each of metrics, logs, traces at most once"
+            raise ValueError(msg)
+        return modalities
+
+
+class LogDemoSettings(_Section):
+    """The live log demo: a labelled LogHub sample replayed through one logs edge client."""
+
+    # BGL and Thunderbird carry a per-line label as the first token of each line.
+    dataset: Literal["bgl", "thunderbird"] = "bgl"
+    data_dir: Path | None = None  # the LogHub folder; default: the copy beside the checkout
+    limit: int | None = Field(default=None, ge=1)  # first lines to replay; None: all
+    events_per_s: float = Field(default=0.0, ge=0.0)  # 0 sends as fast as possible
+    # Key every line by the data set's name, so the site scores one stream. The 2k LogHub
+    # samples draw lines from months of logs of about 1,800 nodes, so a per-node stream is
+    # one or two lines long and a sequence model never fills its window or alerts.
+    single_stream: bool = True
+    # Consecutive lines of the replay per evaluation window.
+    lines_per_window: int = Field(default=20, ge=1)
     timeout_s: float = Field(default=600.0, gt=0)
 
 
@@ -307,6 +345,7 @@ class AppConfig(_Section):
     logs: LogsSettings = LogsSettings()
     traces: TracesSettings = TracesSettings()
     nezha: NezhaSettings = NezhaSettings()
+    log_demo: LogDemoSettings = LogDemoSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     privacy: PrivacySettings = PrivacySettings()
     output_dir: Path = Path("runs/demo")
