@@ -130,6 +130,17 @@ class LogsPipeline(_Scoring):
         )
         self.contexts: dict[str, StreamContext] = {}
         self.scalers: dict[str, StreamingScaler] = {}
+        # HalfSpaceTrees, the online baseline in each score's ``detail``: on the line row for
+        # a sequence model, on the standardized window vector for the MLP. A line row holds
+        # 0 or 1, so z_range 1 maps it to 0.5 or 1.0 of HST's [0, 1] range.
+        self.hst = HalfSpaceTreesDetector(
+            logs.n_buckets + 2 if self.sequence is not None else self.featurizer.n_features,
+            n_trees=self.edge.hst_trees,
+            height=self.edge.hst_height,
+            window_size=self.edge.hst_window,
+            z_range=1.0 if self.sequence is not None else 4.0,
+            seed=config.model.seed,
+        )
         self.windows_scored: dict[str, int] = {}
         self.training: deque[tuple[str, np.ndarray]] = deque(maxlen=self.edge.window_events)
 
@@ -168,6 +179,7 @@ class LogsPipeline(_Scoring):
             seen_before = context.seen
             rows = self._line_rows([line for _, line in items])
             scores = detector.score_rows(rows, context)
+            hst = self.hst.score_and_learn(rows)
             # One threshold for the site: line scores of one shared model are comparable
             # across sources, and most sources write too few lines for a threshold of their own.
             thresholds = self.threshold("site", scores)
@@ -183,7 +195,11 @@ class LogsPipeline(_Scoring):
                         alert=bool(warm and score > thresholds[i]),
                         partition=incoming.partition,
                         offset=incoming.offset,
-                        detail={"template": line.cluster_id, "new_template": line.is_new},
+                        detail={
+                            "template": line.cluster_id,
+                            "new_template": line.is_new,
+                            "hst": float(hst[i]),
+                        },
                     )
                 )
             self.training.extend((source, row) for row in rows)
@@ -204,6 +220,7 @@ class LogsPipeline(_Scoring):
                 )
             z = scaler.transform(window.vector[None, :])
             score = self.detector.score_batch(z)
+            hst = float(self.hst.score_and_learn(z)[0])
             threshold = self.threshold(window.source, score)
             scaler.learn(window.vector[None, :])
             number = self.windows_scored.get(window.source, 0)
@@ -218,7 +235,7 @@ class LogsPipeline(_Scoring):
                     alert=bool(score[0] > threshold[0]),
                     partition=incoming.partition,
                     offset=incoming.offset,
-                    detail={"window_start": window.start, "lines": window.lines},
+                    detail={"window_start": window.start, "lines": window.lines, "hst": hst},
                 )
             )
             self.training.append((window.source, z[0]))
