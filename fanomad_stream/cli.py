@@ -165,6 +165,10 @@ def _parser() -> argparse.ArgumentParser:
         "demo-multimodal",
         help="replay Nezha as metrics, logs and traces at once on a broker of its own",
     )
+    add_command(
+        "demo-logs",
+        help="replay a labelled LogHub sample (BGL) through the logs path on a broker of its own",
+    )
     add_command("bench", help="measure consume and scoring throughput")
     return parser
 
@@ -276,6 +280,10 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         from fanomad_stream.demo_multimodal import run_multimodal_demo
 
         return run_multimodal_demo(config)
+    if command == "demo-logs":
+        from fanomad_stream.demo_logs import run_log_demo
+
+        return run_log_demo(config)
     if command == "bench":
         from fanomad_stream.bench import run_bench
 

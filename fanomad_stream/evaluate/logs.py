@@ -139,3 +139,85 @@ def evaluate_sessions(
     labels = np.array([session_labels[int(s)] for s in session_ids], dtype=np.int8)
     grouped = group_series(session_ids, labels, scores, decisions, how)
     return evaluate_scores(grouped.labels, grouped.scores, grouped.decisions)
+
+
+@dataclass(frozen=True)
+class ScorerRow:
+    """Per-line and per-window figures of one scorer on a labelled log.
+
+    ``decided`` is False for a baseline that gives scores but no alerts; its operating F1
+    and burst count are then undefined (NaN and -1).
+    """
+
+    scorer: str
+    decided: bool
+    lines: int
+    line_positives: int
+    line_auroc: float
+    line_pr_auc: float
+    line_f1_operating: float
+    windows: int
+    window_positives: int
+    window_auroc: float
+    window_pr_auc: float
+    window_f1_operating: float
+    bursts_detected: int
+    bursts: int
+
+
+def scorer_rows(
+    labels: np.ndarray,
+    window_ids: np.ndarray,
+    scorers: dict[str, tuple[np.ndarray, np.ndarray | None]],
+) -> list[ScorerRow]:
+    """Evaluate each scorer's (scores, alert decisions or None) per line and per window."""
+    rows = []
+    for name, (scores, decisions) in scorers.items():
+        decided = decisions is not None
+        shown = decisions if decisions is not None else np.zeros(labels.shape, dtype=bool)
+        result = evaluate_log_lines(labels, scores, shown, window_ids)
+        rows.append(
+            ScorerRow(
+                scorer=name,
+                decided=decided,
+                lines=result.line.n,
+                line_positives=result.line.positives,
+                line_auroc=result.line.auroc,
+                line_pr_auc=result.line.pr_auc,
+                line_f1_operating=result.line.f1_operating if decided else float("nan"),
+                windows=result.window.n,
+                window_positives=result.window.positives,
+                window_auroc=result.window.auroc,
+                window_pr_auc=result.window.pr_auc,
+                window_f1_operating=result.window.f1_operating if decided else float("nan"),
+                bursts_detected=result.bursts_detected if decided else -1,
+                bursts=result.bursts,
+            )
+        )
+    return rows
+
+
+def render_scorer_table(rows: list[ScorerRow]) -> str:
+    """Render scorer rows as a Markdown table, with three decimals for rates."""
+    header = (
+        "| scorer | lines (anomalous) | line AUROC | line PR-AUC | line F1 (online) "
+        "| windows (anomalous) | window AUROC | window PR-AUC | window F1 (any alert) "
+        "| bursts with an alert |"
+    )
+    lines = [header, "|" + "---|" * 10]
+    for row in rows:
+        bursts = f"{row.bursts_detected}/{row.bursts}" if row.decided else "n/a"
+        cells = [
+            row.scorer,
+            f"{row.lines} ({row.line_positives})",
+            f"{row.line_auroc:.3f}",
+            f"{row.line_pr_auc:.3f}",
+            f"{row.line_f1_operating:.3f}",
+            f"{row.windows} ({row.window_positives})",
+            f"{row.window_auroc:.3f}",
+            f"{row.window_pr_auc:.3f}",
+            f"{row.window_f1_operating:.3f}",
+            bursts,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
