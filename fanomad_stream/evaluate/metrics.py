@@ -113,7 +113,8 @@ def evaluate_scores(
         if decisions is None
         else np.asarray(decisions, dtype=bool)
     )
-    one_class = labels.min() == labels.max()
+    # No labels or one class only: the ranking metrics are undefined.
+    one_class = labels.size == 0 or labels.min() == labels.max()
     precision, recall, f1 = f1_from_decisions(labels, decisions)
     _, _, pa_f1 = f1_from_decisions(labels, point_adjust(labels, decisions))
     tp = int(np.sum(decisions & (labels == 1)))

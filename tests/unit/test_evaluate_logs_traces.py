@@ -127,6 +127,17 @@ def test_evaluate_windows_skips_injection_minute() -> None:
     assert metrics.confusion == {"tp": 1, "fp": 0, "fn": 0, "tn": 1}
 
 
+def test_evaluate_windows_without_events() -> None:
+    """When no window holds an event the window metrics are empty and NaN, not an error."""
+    rows = window_rows(np.array([1e6]), np.array([0.5]), np.array([False]), WINDOWS)
+
+    metrics = evaluate_windows(rows)
+
+    assert metrics.n == 0
+    assert np.isnan(metrics.auroc)
+    assert np.isnan(metrics.pr_auc)
+
+
 CASES = [
     FaultCase("a", 100.0, 200.0, "contacts", "contacts-x-y", "cpu", True),
     FaultCase("b", 300.0, 400.0, "food", "food-x-y", "delay", True),
