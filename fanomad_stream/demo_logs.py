@@ -46,7 +46,7 @@ from fanomad_stream.transport.reader import read_topic
 from fanomad_stream.transport.topics import apply_catalog, load_catalog
 
 TABLE_NOTES = """\
-Lines are in replay order. A window is a run of consecutive lines; it is anomalous when any
+Lines are in replay order. A window is a run of consecutive lines. It is anomalous when any
 of its lines is, scores the max of its line scores and alerts when any line alerted. A burst
 is a run of consecutive anomalous lines. Random: one uniform draw per line. HST: River
 HalfSpaceTrees that the edge client ran online on each line's template row. PCA: the
@@ -57,7 +57,7 @@ burst figures are n/a."""
 
 @dataclass(frozen=True)
 class LogDemoResult:
-    """What one run of the log demo measured."""
+    """Figures of one log demo run."""
 
     lines: int  # lines replayed
     scored: int  # distinct lines with a score
@@ -85,8 +85,8 @@ def load_demo_dataset(config: AppConfig) -> LogDataset:
     folder = settings.data_dir or streams.LOGHUB_DIR
     if not folder.is_dir():
         msg = (
-            f"LogHub folder {folder} not found; set log_demo.data_dir to a local copy of "
-            "LogHub (https://github.com/logpai/loghub), which the project does not ship"
+            f"LogHub folder {folder} not found; set log_demo.data_dir to a local LogHub copy "
+            "with BGL/BGL_2k.log or Thunderbird/Thunderbird_2k.log (the project ships none)"
         )
         raise ConfigError(msg)
     dataset = streams.load_log_dataset(settings.dataset, folder)
