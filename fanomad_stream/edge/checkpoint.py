@@ -158,8 +158,21 @@ def read_checkpoint(path: Path, *, site: str, fingerprint: str) -> EdgeCheckpoin
             f"checkpoint {path} holds {len(payload)} state bytes that do not match its header "
             f"({expected_bytes} bytes and a SHA-256); it was truncated or changed",
         )
+    negative = sorted(str(tp) for tp, offset in offsets.items() if offset < 0)
+    if negative:
+        raise CheckpointRejectedError(
+            "corrupt", f"checkpoint {path} has negative offsets for {negative}"
+        )
     # The file and its folder passed _check_private: only this service user could write them.
-    pipeline = pickle.loads(payload)
+    try:
+        pipeline = pickle.loads(payload)
+    except Exception as err:  # pickle.loads raises many types, e.g. on a renamed class
+        raise CheckpointRejectedError(
+            "unpickle",
+            f"checkpoint {path} passed its SHA-256 check but its state failed to load "
+            f"({type(err).__name__}: {err}); another release of fanomad-stream may have "
+            "written it",
+        ) from err
     return EdgeCheckpoint(
         site=site,
         fingerprint=fingerprint,

@@ -463,8 +463,19 @@ class EdgeClient:
 
     def _write_site_state(self, state: SiteState) -> None:
         folder = self._site_folder()
-        if folder is not None:
+        if folder is None:
+            return
+        try:
             write_site_state(folder / SITE_STATE_FILE, state)
+        except OSError as err:
+            # Sending goes on. A lost write risks a second send of the round after a crash,
+            # and the aggregator rejects a second update of one client while its round is open.
+            self._log.error(
+                "edge_state_write_failed",
+                path=str(folder / SITE_STATE_FILE),
+                error=str(err),
+                last_update_round=state.last_update_round,
+            )
 
     async def _load_state(self) -> None:
         """Restore the last update round and, when this process may, the scoring checkpoint.
@@ -503,17 +514,27 @@ class EdgeClient:
                 )
                 checkpoint = None
 
+        if checkpoint is not None and not self._restore(checkpoint):
+            checkpoint = None
         if checkpoint is None:
             self._log.info("edge_warmup_started", **self._warmup_description())
-        else:
-            self._restore(checkpoint)
 
     def _read_checkpoint(self) -> EdgeCheckpoint | None:
         folder = self._site_folder()
         if folder is None:
             return None
         lock = CheckpointLock(folder)
-        if not lock.acquire():
+        try:
+            acquired = lock.acquire()
+        except OSError as err:
+            self._log.error(
+                "edge_checkpoint_unusable",
+                lock=str(lock.path),
+                error=str(err),
+                detail="edge.state_dir cannot hold the lock file; this process keeps no checkpoint",
+            )
+            return None
+        if not acquired:
             self._log.warning(
                 "edge_checkpoint_locked",
                 lock=str(lock.path),
@@ -546,8 +567,18 @@ class EdgeClient:
             return None
         return checkpoint
 
-    def _restore(self, checkpoint: EdgeCheckpoint) -> None:
-        self.pipeline.restore(checkpoint.pipeline)
+    def _restore(self, checkpoint: EdgeCheckpoint) -> bool:
+        """Load the checkpoint; return False, with the pipeline unchanged, when it does not fit."""
+        try:
+            self.pipeline.restore(checkpoint.pipeline)
+        except (KeyError, TypeError, ValueError) as err:
+            self._log.warning(
+                "edge_checkpoint_rejected",
+                reason="state",
+                error=f"{type(err).__name__}: {err}",
+                detail="the saved pipeline state does not fit this release; warming up instead",
+            )
+            return False
         self.global_version = checkpoint.global_version
         self.positions = dict(checkpoint.offsets)
         self.restored_checkpoint = checkpoint
@@ -559,6 +590,7 @@ class EdgeClient:
             rows_seen={name: state.seen for name, state in self.pipeline.sources.items()},
             offsets=_offsets_for_log(self.positions),
         )
+        return True
 
     def _warmup_description(self) -> dict[str, Any]:
         """Return how many rows each source scores before its first possible alert."""

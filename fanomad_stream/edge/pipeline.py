@@ -270,16 +270,20 @@ class EdgePipeline:
     def restore(self, state: Mapping[str, Any]) -> None:
         """Replace the scoring state with one that ``snapshot`` returned and a pickle kept.
 
-        The caller checks that the state comes from the same edge and model settings.
+        The caller checks that the state comes from the same edge and model settings. Raises
+        KeyError, TypeError or ValueError on a state of another shape and then changes nothing.
         """
         detector = state["detector"]
         if not isinstance(detector, VersionedAutoencoder):
             msg = f"state holds a {type(detector).__name__} detector, expected VersionedAutoencoder"
             raise TypeError(msg)
-        self.sources = dict(state["sources"])
+        sources = dict(state["sources"])
+        window = deque(state["window"], maxlen=self.edge.window_events)
+        events_since_training = int(state["events_since_training"])
+        self.sources = sources
         self.detector = detector
-        self.window = deque(state["window"], maxlen=self.edge.window_events)
-        self.events_since_training = int(state["events_since_training"])
+        self.window = window
+        self.events_since_training = events_since_training
 
     def window_ready(self) -> bool:
         return self.events_since_training >= self.edge.window_events and len(self.window) > 0

@@ -390,7 +390,14 @@ class Aggregator:
                     "moments and buffered duplicate keys start empty",
                 )
             return
-        self.engine.load_state_dict(model.state)
+        try:
+            self.engine.load_state_dict(model.state)
+        except ValueError as err:
+            msg = (
+                f"cannot resume model {self._model_name!r} from version {model.version} on "
+                f"{topic_name(self._kafka, 'fl.global')}: {err}"
+            )
+            raise RoundError(msg) from err
         self._log.info("aggregator_state_restored", version=model.version)
 
     async def _load_or_create_global(self) -> GlobalModel:

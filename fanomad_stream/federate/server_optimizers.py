@@ -170,8 +170,25 @@ class ServerOptimizer(StrategyWrapper):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.inner.load_state_dict(state["inner"])
-        self._m = _copy_moments(state["m"])
-        self._v = _copy_moments(state["v"])
+        moments_m = _copy_moments(state["m"])
+        moments_v = _copy_moments(state["v"])
+        if (moments_m is None) != (moments_v is None):
+            raise ValueError("saved optimizer state is missing one of its two moments m and v")
+        if moments_m is not None and moments_v is not None:
+            try:
+                template = self.inner.global_weights
+            except RoundError:  # saved between two rounds: the next begin_round sets the model
+                template = moments_m
+            expected = {name: array.shape for name, array in template.items()}
+            for label, moments in (("m", moments_m), ("v", moments_v)):
+                shapes = {name: array.shape for name, array in moments.items()}
+                if shapes != expected:
+                    msg = (
+                        f"saved optimizer moment {label} has parameters {shapes}, the model "
+                        f"{expected}; the state belongs to another model"
+                    )
+                    raise ValueError(msg)
+        self._m, self._v = moments_m, moments_v
         self.rounds = int(state["rounds"])
 
 

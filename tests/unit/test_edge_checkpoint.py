@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +20,9 @@ from fanomad_stream.edge.checkpoint import (
     state_fingerprint,
     write_checkpoint,
 )
+from fanomad_stream.edge.client import EdgeClient
 from fanomad_stream.edge.pipeline import EdgePipeline
+from fanomad_stream.edge.site_state import SiteState
 
 N_FEATURES = 6
 SOURCES = ("m-1", "m-2")
@@ -233,3 +237,72 @@ def test_checkpoint_lock_is_exclusive(tmp_path: Path) -> None:
     first.release()
     assert second.acquire()
     second.release()
+
+
+def _rewrite(path: Path, payload: bytes | None = None, **header: object) -> None:
+    """Replace the header fields and payload of a checkpoint, with a matching SHA-256."""
+    data = path.read_bytes()
+    end = data.index(b"\n")
+    fields = json.loads(data[:end])
+    body = data[end + 1 :] if payload is None else payload
+    fields.update(header)
+    fields["payload_bytes"] = len(body)
+    fields["payload_sha256"] = hashlib.sha256(body).hexdigest()
+    path.write_bytes(json.dumps(fields).encode() + b"\n" + body)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    # Bytes that are no pickle, and a pickle of a class that does not exist (a renamed one).
+    [b"not a pickle", b"cfanomad_stream.edge.pipeline\nRenamedPipeline\n."],
+)
+def test_unloadable_payload_rejected(tmp_path: Path, payload: bytes) -> None:
+    """A payload whose digest matches but that fails to unpickle is rejected, not raised."""
+    config, path = _written(tmp_path)
+    _rewrite(path, payload)
+    with pytest.raises(CheckpointRejectedError) as raised:
+        read_checkpoint(path, site="site-a", fingerprint=state_fingerprint(config))
+    assert raised.value.reason == "unpickle"
+
+
+def test_negative_offset_rejected(tmp_path: Path) -> None:
+    config, path = _written(tmp_path)
+    _rewrite(path, offsets=[["metrics.raw", 0, -5]])
+    with pytest.raises(CheckpointRejectedError, match="negative offsets") as raised:
+        read_checkpoint(path, site="site-a", fingerprint=state_fingerprint(config))
+    assert raised.value.reason == "corrupt"
+
+
+def test_restore_of_partial_state_changes_nothing() -> None:
+    config = _config("baseline")
+    pipeline = _pipeline(config)
+    _run(pipeline, _batches()[:2])
+    before = pipeline.snapshot()
+    state = dict(before)
+    del state["window"]
+    fresh = _pipeline(config)
+    with pytest.raises(KeyError):
+        fresh.restore(state)
+    assert fresh.sources == {}
+    assert fresh.detector is not before["detector"]
+
+
+def test_client_with_unusable_state_dir_goes_on(tmp_path: Path) -> None:
+    """A state_dir below a regular file costs the checkpoint and site state, not the client."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = _config("baseline", state_dir=str(blocker / "state"))
+    client = EdgeClient(config, site="site-a", sources=list(SOURCES))
+    assert client._read_checkpoint() is None
+    client._write_site_state(SiteState(last_update_round=4))
+    assert client._read_site_state() == SiteState()
+
+
+def test_client_skips_unfit_checkpoint_state(tmp_path: Path) -> None:
+    config = _config("baseline")
+    client = EdgeClient(config, site="site-a", sources=list(SOURCES))
+    checkpoint = _checkpoint(config, _pipeline(config))
+    checkpoint.pipeline = {"detector": checkpoint.pipeline["detector"]}
+    assert not client._restore(checkpoint)
+    assert client.restored_checkpoint is None
+    assert client.positions == {}

@@ -10,6 +10,8 @@ import pytest
 from fanomad_stream.config import AppConfig, parse_config
 from fanomad_stream.errors import ConfigError, RoundError, UpdateRejectedError
 from fanomad_stream.federate.aggregate import WeightedSum, Weights, apply_delta
+from fanomad_stream.federate.aggregator import Aggregator
+from fanomad_stream.federate.global_model import GlobalModel
 from fanomad_stream.federate.rounds import RoundEngine
 from fanomad_stream.privacy.accountant import compute_epsilon
 from fanomad_stream.privacy.dp import SecureGaussian, clip_update
@@ -405,3 +407,75 @@ class TestFoldState:
             buffered.load_state_dict(sync.state_dict())
         with pytest.raises(ValueError, match="format 7 is not 1"):
             sync.load_state_dict({**sync.state_dict(), "format": 7})
+
+
+def _adam_state_after_round() -> tuple[AppConfig, RoundEngine, dict[str, object]]:
+    """Return the FedAdam config, an engine after one round and its state through the codec."""
+    config = _config(aggregator=ADAM)
+    engine = RoundEngine(config, _weights(0), version=0)
+    for i, client in enumerate(CLIENTS):
+        engine.fold(client, 0, _weights(i + 1, 0.1), 10)
+    engine.close()
+    return config, engine, _through_codec(engine.state_dict())
+
+
+class TestHostileFoldState:
+    """A state that does not belong to the published version is rejected with its reason."""
+
+    def test_state_of_other_strategy_raises(self) -> None:
+        config, engine, adam_state = _adam_state_after_round()
+        fedavg = RoundEngine(_config(), engine.weights, version=engine.version)
+        with pytest.raises(ValueError, match="does not fit the configured strategy 'fedavg'"):
+            fedavg.load_state_dict(adam_state)
+        adam = RoundEngine(config, engine.weights, version=engine.version)
+        with pytest.raises(ValueError, match="does not fit the configured strategy 'fedadam'"):
+            adam.load_state_dict(_through_codec(fedavg.state_dict()))
+
+    def test_state_of_other_weights_raises(self) -> None:
+        config, _, adam_state = _adam_state_after_round()
+        engine = RoundEngine(config, _weights(5), version=1)
+        with pytest.raises(ValueError, match="other global weights"):
+            engine.load_state_dict(adam_state)
+
+    def test_state_of_other_shape_raises(self) -> None:
+        config, engine, adam_state = _adam_state_after_round()
+        moments = adam_state["strategy"]
+        assert isinstance(moments, dict)
+        moments["m"] = {**moments["m"], "layer.bias": np.zeros(7)}
+        restarted = RoundEngine(config, engine.weights, version=engine.version)
+        with pytest.raises(ValueError, match=r"moment m has parameters .*\(7,\)"):
+            restarted.load_state_dict(adam_state)
+
+    def test_nan_moments_raise(self) -> None:
+        config, engine, adam_state = _adam_state_after_round()
+        moments = adam_state["strategy"]
+        assert isinstance(moments, dict)
+        moments["v"] = {**moments["v"], "layer.bias": np.full(4, np.nan)}
+        restarted = RoundEngine(config, engine.weights, version=engine.version)
+        with pytest.raises(ValueError, match=r"strategy\.v\.layer\.bias has NaN"):
+            restarted.load_state_dict(adam_state)
+
+    def test_buffered_state_of_other_version_raises(self) -> None:
+        config = _config(
+            aggregator={"quorum": 1, "clients": CLIENTS, "buffered_async": {"buffer_size": 2}}
+        )
+        state = _through_codec(RoundEngine(config, _weights(0), version=3).state_dict())
+        engine = RoundEngine(config, _weights(0), version=2)
+        with pytest.raises(ValueError, match="at version 3, the published model at version 2"):
+            engine.load_state_dict(state)
+
+    def test_aggregator_start_names_model_and_version(self) -> None:
+        config, engine, adam_state = _adam_state_after_round()
+        aggregator = Aggregator(config)
+        aggregator.engine = RoundEngine(_config(), engine.weights, version=engine.version)
+        model = GlobalModel(
+            version=engine.version,
+            round=0,
+            weights=engine.weights,
+            clients=list(CLIENTS),
+            state=adam_state,
+        )
+        with pytest.raises(
+            RoundError, match=r"cannot resume model .* from version 1 on fl\.global"
+        ):
+            aggregator._restore_state(model)
