@@ -209,14 +209,33 @@ def _with_overrides(config: AppConfig, args: argparse.Namespace) -> AppConfig:
     return config
 
 
+def _subcommand_index(parser: argparse.ArgumentParser, argv: list[str]) -> int | None:
+    """Return the position of the subcommand in ``argv``: the first word that no option takes."""
+    takes_value = {
+        option
+        for action in parser._actions
+        for option in action.option_strings
+        if action.nargs != 0
+    }
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("-"):
+            return i
+        i += 2 if token in takes_value else 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Everything after `harness` belongs to the harness's own parser.
+    parser = _parser()
+    # Everything after the `harness` subcommand belongs to the harness's own parser. Only the
+    # subcommand counts: `edge --site harness` names a site.
     harness_args: list[str] = []
-    if "harness" in argv:
-        at = argv.index("harness")
+    at = _subcommand_index(parser, argv)
+    if at is not None and argv[at] == "harness":
         argv, harness_args = argv[: at + 1], argv[at + 1 :]
-    args = _parser().parse_args(argv)
+    args = parser.parse_args(argv)
     args.harness_args = harness_args
     from fanomad_stream.service.logs import configure_logging
 

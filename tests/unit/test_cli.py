@@ -63,3 +63,28 @@ def test_metrics_edge_rejects_sequence_model(
     code = main(["--config", str(config), "edge", "--site", "s1"])
     assert code == 2
     assert "not supported for metrics" in capsys.readouterr().err
+
+
+def test_site_named_harness_keeps_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only the subcommand `harness` splits the arguments, not a value that reads the same."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("edge:\n  window_events: -5\n")
+    assert main(["edge", "--site", "harness", "--config", str(bad)]) == 2
+    assert "edge.window_events" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["harness", "--seeds", "0"], 0),
+        (["--config", "c.yaml", "--log-json", "harness", "--list"], 3),
+        (["edge", "--site", "harness"], 0),
+        (["--log-level", "INFO"], None),
+    ],
+)
+def test_subcommand_position(argv: list[str], expected: int | None) -> None:
+    from fanomad_stream.cli import _subcommand_index
+
+    assert _subcommand_index(_parser(), argv) == expected
