@@ -122,7 +122,11 @@ class GlobalModelReader:
 
     def _take(self, raw: bytes | None, offset: int) -> None:
         try:
-            envelope = codec.decode(raw, expected_kinds=frozenset({"global"}))
+            envelope = codec.decode(
+                raw,
+                expected_kinds=frozenset({"global"}),
+                max_record_bytes=self._settings.max_message_bytes,
+            )
         except DecodeError as err:
             log.error("global_model_decode_failed", offset=offset, error=str(err))
             return

@@ -12,7 +12,7 @@
   recorded in a ``PrivacyLedger``. When the next round would exceed the ε budget,
   ``training_stopped`` holds the reason and no further round may be opened.
 
-Between two rounds, ``state_dict`` holds everything a fold after the next release depends on
+Between two rounds, ``state_dict`` contains everything a fold after the next release depends on
 beyond the global weights: a server optimizer's moments and, in buffered mode, the keys of the
 updates already folded. The aggregator publishes it with each version, so a restarted
 aggregator folds exactly as the one it replaces would have.
@@ -20,6 +20,7 @@ aggregator folds exactly as the one it replaces would have.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -231,9 +232,9 @@ class RoundEngine:
         Raises RoundError while updates are folded into the open round or buffer: their offsets
         are not committed yet, so a restart reads them again and the state must not hold them.
         """
-        # NOTE: the state repeats the global weights and an empty float64 accumulator, so a
-        # global record with state is 4 times (FedAdam 8 times) the size of its weights. With
-        # FedAdam, a model of 1M parameters exceeds the codec's 16 MiB record limit.
+        # NOTE: server optimizer moments are float64, so with FedAdam, FedYogi or FedAdagrad a
+        # global record is about 5 times the size of its float32 weights; 1M parameters need
+        # kafka.max_message_bytes of 24 MiB or more.
         if self.folded:
             msg = (
                 f"cannot save the fold state with {self.folded} updates in the open round of "
@@ -241,14 +242,20 @@ class RoundEngine:
             )
             raise RoundError(msg)
         if self.buffered is not None:
-            return {"format": STATE_FORMAT, "buffered": self.buffered.state_dict()}
-        return {"format": STATE_FORMAT, "strategy": self.strategy.state_dict()}
+            state = {"format": STATE_FORMAT, "buffered": self.buffered.state_dict()}
+        else:
+            state = {"format": STATE_FORMAT, "strategy": self.strategy.state_dict()}
+        # The record that carries the state carries the weights too, and the accumulators are
+        # empty between rounds, so both are saved as markers.
+        compacted: dict[str, Any] = _compact(state, self.weights)
+        compacted["weights_sha256"] = _weights_digest(self.weights)
+        return compacted
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state from ``state_dict`` of an engine built with the same settings.
 
         Raises ValueError when the state is of another format, of another mode (buffered or
-        synchronous) or strategy than this engine's config, holds NaN or infinite values, or
+        synchronous) or strategy than this engine's config, contains NaN or infinite values, or
         belongs to another model or version.
         """
         if state.get("format") != STATE_FORMAT:
@@ -266,8 +273,16 @@ class RoundEngine:
                 "model name"
             )
             raise ValueError(msg)
-        _check_finite(state, "aggregator state")
         start = {name: array.copy() for name, array in self.weights.items()}
+        if state.get("weights_sha256") != _weights_digest(start):
+            msg = (
+                "the saved aggregator state was written for other global weights than the "
+                f"model version {self.version} it was published with; the state belongs to "
+                "another model or version"
+            )
+            raise ValueError(msg)
+        state = _expand(state, start)
+        _check_finite(state, "aggregator state")
         try:
             if self.buffered is not None:
                 self.buffered.load_state_dict(state["buffered"])
@@ -352,3 +367,47 @@ def _check_finite(value: object, where: str) -> None:
             raise ValueError(f"{where} has NaN or infinite values; the state is corrupt")
     elif isinstance(value, float) and not np.isfinite(value):
         raise ValueError(f"{where} is {value}; the state is corrupt")
+
+
+_SAME_AS_WEIGHTS = "=weights"
+_ZEROS = "=zeros"
+
+
+def _weights_digest(weights: Weights) -> str:
+    """Return a SHA-256 of the weights' names, dtypes, shapes and values."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        array = np.ascontiguousarray(weights[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _compact(value: Any, weights: Weights) -> Any:
+    """Replace copies of ``weights`` and all-zero sums of their shape by short markers."""
+    if isinstance(value, Mapping):
+        out = {key: _compact(item, weights) for key, item in value.items()}
+        for key, item in value.items():
+            if not isinstance(item, Mapping) or set(item) != set(weights) or not item:
+                continue
+            if all(np.array_equal(item[name], weights[name]) for name in weights):
+                out[key] = _SAME_AS_WEIGHTS
+            elif all(not np.any(item[name]) for name in weights):
+                out[key] = _ZEROS
+        return out
+    if isinstance(value, list):
+        return [_compact(item, weights) for item in value]
+    return value
+
+
+def _expand(value: Any, weights: Weights) -> Any:
+    """Undo ``_compact``: markers become copies of ``weights`` or float64 zeros of their shape."""
+    if isinstance(value, str) and value == _SAME_AS_WEIGHTS:
+        return {name: array.copy() for name, array in weights.items()}
+    if isinstance(value, str) and value == _ZEROS:
+        return {name: np.zeros(array.shape, dtype=np.float64) for name, array in weights.items()}
+    if isinstance(value, Mapping):
+        return {key: _expand(item, weights) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand(item, weights) for item in value]
+    return value

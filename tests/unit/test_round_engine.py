@@ -479,3 +479,25 @@ class TestHostileFoldState:
             RoundError, match=r"cannot resume model .* from version 1 on fl\.global"
         ):
             aggregator._restore_state(model)
+
+
+def test_fold_state_adds_little_to_the_record() -> None:
+    """Between rounds the state saves the weights and empty sums as markers, not as copies."""
+    engine = RoundEngine(_config(), _weights(0), version=0)
+    for client in CLIENTS:
+        engine.fold(client, 0, _weights(1, 0.1), 10)
+    engine.close()
+    body = {"round": 0, "version": 1, "weights": engine.weights, "clients": CLIENTS}
+    plain = len(codec.encode("global", body, src="agg", ts=0.0))
+    with_state = len(
+        codec.encode("global", {**body, "aggregator_state": engine.state_dict()}, src="agg", ts=0.0)
+    )
+    assert with_state - plain < 400
+
+    restarted = RoundEngine(_config(), engine.weights, version=1)
+    restarted.load_state_dict(_through_codec(engine.state_dict()))
+    restarted.fold("a", 1, _weights(2, 0.1), 10)
+    engine.fold("a", 1, _weights(2, 0.1), 10)
+    expected, resumed = engine.close().weights, restarted.close().weights
+    for name, array in expected.items():
+        np.testing.assert_array_equal(resumed[name], array)
