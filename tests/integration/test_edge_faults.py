@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import yaml
 
 from fanomad_stream.broker.local import LocalBroker, free_port
 from fanomad_stream.config import AppConfig, KafkaSettings
+from fanomad_stream.demo_multimodal import running_services
 from fanomad_stream.edge.client import EdgeClient
 from fanomad_stream.federate.aggregator import Aggregator
 from fanomad_stream.replay.smd import REPO_ROOT, ReplayReport, replay_smd
@@ -109,21 +109,6 @@ async def _wait_for_event(log_path: Path, name: str, process: subprocess.Popen[b
         await asyncio.sleep(0.1)
 
 
-@contextlib.asynccontextmanager
-async def _running(*services: EdgeClient | Aggregator) -> AsyncIterator[list[asyncio.Task[None]]]:
-    for service in services:
-        await service.start()
-    tasks = [asyncio.create_task(service.run()) for service in services]
-    try:
-        yield tasks
-    finally:
-        for service in services:
-            service.request_stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for service in services:
-            await service.stop()
-
-
 async def _scored(kafka: KafkaSettings) -> Counter[tuple[str, int]]:
     scores = await read_topic(kafka, "scores", frozenset({"score"}))
     return Counter((s.key, int(s.envelope.body["index"])) for s in scores)
@@ -190,7 +175,7 @@ async def _run_edge_kill_trial(
     rng = random.Random(seed)
     aggregator = Aggregator(config)
     logs: list[Path] = []
-    async with _running(aggregator):
+    async with running_services(aggregator):
         replay = asyncio.create_task(replay_smd(kafka, config.replay, progress=False))
         for kill in range(kills):
             logs.append(tmp_path / f"edge-{kill}.log")
@@ -255,7 +240,7 @@ async def test_second_process_joins_mid_window(tmp_path: Path, topics: KafkaSett
     aggregator = Aggregator(config)
     first = EdgeClient(config, site=SITE, sources=machines)
     second = EdgeClient(config, site=SITE, sources=machines)
-    async with _running(aggregator, first) as tasks:
+    async with running_services(aggregator, first) as tasks:
         replay = asyncio.create_task(replay_smd(topics, config.replay, progress=False))
         await wait_until(
             lambda: (

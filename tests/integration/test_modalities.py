@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from fanomad_stream.config import AppConfig, KafkaSettings
+from fanomad_stream.demo_multimodal import running_services
 from fanomad_stream.edge.modalities import LogsPipeline, TracesPipeline
 from fanomad_stream.edge.stream_client import ModalityEdgeClient
 from fanomad_stream.featurize.logs import LogTemplateMiner
@@ -60,21 +58,6 @@ def _logs_config(
     return modality_config(config, "logs")
 
 
-@contextlib.asynccontextmanager
-async def _running(*services: ModalityEdgeClient | Aggregator) -> AsyncIterator[None]:
-    for service in services:
-        await service.start()
-    tasks = [asyncio.create_task(service.run()) for service in services]
-    try:
-        yield
-    finally:
-        for service in services:
-            service.request_stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for service in services:
-            await service.stop()
-
-
 @pytest.mark.timeout(120)
 async def test_bgl_lines_scored_once(topics: KafkaSettings, tmp_path: Path) -> None:
     """Every BGL line is scored exactly once, labels travel apart, templates persist."""
@@ -88,7 +71,7 @@ async def test_bgl_lines_scored_once(topics: KafkaSettings, tmp_path: Path) -> N
     assert report.anomalous == expected_anomalous
 
     client = ModalityEdgeClient(config, site="bgl-site", modality="logs")
-    async with _running(client):
+    async with running_services(client):
         await wait_until(lambda: client.counters.scored >= 2000, timeout_s=60)
     assert client.counters.dead_letters == 0
 
@@ -138,7 +121,7 @@ async def test_nezha_traces_assembled_and_scored(topics: KafkaSettings, tmp_path
     assert report.anomalous > 0
 
     client = ModalityEdgeClient(config, site="nezha-site", modality="traces")
-    async with _running(client):
+    async with running_services(client):
         await wait_until(lambda: client.counters.scored >= len(trace_ids), timeout_s=60)
     assert isinstance(client.pipeline, TracesPipeline)
     counters = client.pipeline.counters()
@@ -162,7 +145,7 @@ async def test_lstm_round_publishes_version_one(topics: KafkaSettings, tmp_path:
 
     aggregator = Aggregator(config)
     client = ModalityEdgeClient(config, site="bgl-site", modality="logs")
-    async with _running(aggregator, client):
+    async with running_services(aggregator, client):
         await wait_until(lambda: aggregator.rounds_completed >= 1, timeout_s=60)
     assert client.counters.updates_sent >= 1
     assert aggregator.rejected == {}
@@ -196,7 +179,7 @@ async def test_traces_restart_keeps_open_traces(topics: KafkaSettings, tmp_path:
 
     await replay_spans(topics, spans[:700], labels[:700], progress=False)
     first = ModalityEdgeClient(config, site="nezha-site", modality="traces")
-    async with _running(first):
+    async with running_services(first):
         await wait_until(lambda: first.counters.consumed >= 700, timeout_s=60)
     assert isinstance(first.pipeline, TracesPipeline)
     open_at_stop = first.pipeline.open_traces
@@ -210,7 +193,7 @@ async def test_traces_restart_keeps_open_traces(topics: KafkaSettings, tmp_path:
     second.request_stop()
     await second.stop()
     second = ModalityEdgeClient(config, site="nezha-site", modality="traces")
-    async with _running(second):
+    async with running_services(second):
         await wait_until(lambda: second.counters.consumed >= 800, timeout_s=60)
         await second.flush()
     assert isinstance(second.pipeline, TracesPipeline)
@@ -237,7 +220,7 @@ async def test_logs_updates_leave_private(topics: KafkaSettings, tmp_path: Path)
 
     aggregator = Aggregator(config)
     client = ModalityEdgeClient(config, site="bgl-site", modality="logs")
-    async with _running(aggregator, client):
+    async with running_services(aggregator, client):
         await wait_until(lambda: aggregator.rounds_completed >= 1, timeout_s=120)
     assert aggregator.rejected == {}
 
@@ -272,7 +255,7 @@ async def test_logs_restart_keeps_template_ids(topics: KafkaSettings, tmp_path: 
 
     await replay_logs(topics, halves[0], progress=False)
     first = ModalityEdgeClient(config, site="bgl-site", modality="logs")
-    async with _running(first):
+    async with running_services(first):
         await wait_until(lambda: first.counters.scored >= 1000, timeout_s=60)
     assert isinstance(first.pipeline, LogsPipeline)
     templates_at_stop = first.pipeline.featurizer.miner.template_count
@@ -282,7 +265,7 @@ async def test_logs_restart_keeps_template_ids(topics: KafkaSettings, tmp_path: 
     second = ModalityEdgeClient(config, site="bgl-site", modality="logs")
     assert isinstance(second.pipeline, LogsPipeline)
     assert second.pipeline.featurizer.miner.template_count == templates_at_stop
-    async with _running(second):
+    async with running_services(second):
         await wait_until(lambda: second.counters.scored >= 1000, timeout_s=60)
     assert first.counters.scored == 1000
 
