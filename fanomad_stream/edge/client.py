@@ -49,6 +49,7 @@ from fanomad_stream.edge.updates import UpdateSender
 from fanomad_stream.errors import DecodeError
 from fanomad_stream.federate.global_model import GlobalModelReader
 from fanomad_stream.service.metrics import EdgeMetrics
+from fanomad_stream.service.runner import ServiceLifecycle
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
 from fanomad_stream.transport.reader import read_topic
@@ -79,7 +80,7 @@ class _Row:
     values: np.ndarray
 
 
-class EdgeClient:
+class EdgeClient(ServiceLifecycle):
     """One site's edge client.
 
     Parameters
@@ -95,6 +96,7 @@ class EdgeClient:
     """
 
     def __init__(self, config: AppConfig, *, site: str, sources: list[str]) -> None:
+        super().__init__()
         if not sources:
             msg = f"edge client {site!r} needs at least one source to score"
             raise ValueError(msg)
@@ -112,7 +114,6 @@ class EdgeClient:
         self._consumer: AIOKafkaConsumer | None = None
         self._global = GlobalModelReader(self._kafka, config.aggregator.model_name)
         self._dead: DeadLetters | None = None
-        self._stopping = asyncio.Event()
         self._log = log.bind(client_id=site)
         self.updates = UpdateSender(config, site, self.metrics, self._log)
         # Next offset to read of every partition whose records the pipeline state has folded in.
@@ -187,16 +188,6 @@ class EdgeClient:
             # cancelled without catching CancelledError, so a consumer whose broker is down
             # can raise it from stop(). The consumer is marked closed before that point.
             self._log.error("kafka_client_close_failed", client=name, error="CancelledError")
-
-    async def __aenter__(self) -> EdgeClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def request_stop(self) -> None:
-        self._stopping.set()
 
     async def run(self) -> None:
         """Score until ``request_stop`` is called.

@@ -41,6 +41,7 @@ from fanomad_stream.featurize.trace_assembly import Span
 from fanomad_stream.federate.global_model import GlobalModelReader
 from fanomad_stream.replay.logs import LogRecord
 from fanomad_stream.service.metrics import EdgeMetrics
+from fanomad_stream.service.runner import ServiceLifecycle
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
 
@@ -61,7 +62,7 @@ class StreamCounters:
     commit_failures: int = 0
 
 
-class ModalityEdgeClient:
+class ModalityEdgeClient(ServiceLifecycle):
     """One site's edge client for ``logs`` or ``traces``.
 
     Parameters
@@ -81,6 +82,7 @@ class ModalityEdgeClient:
     def __init__(
         self, config: AppConfig, *, site: str, modality: str, sources: list[str] | None = None
     ) -> None:
+        super().__init__()
         if modality not in TOPICS:
             msg = f"modality {modality!r} has no stream client; expected logs or traces"
             raise ValueError(msg)
@@ -104,7 +106,6 @@ class ModalityEdgeClient:
         self._consumer: AIOKafkaConsumer | None = None
         self._dead: DeadLetters | None = None
         self._global = GlobalModelReader(self._kafka, config.aggregator.model_name)
-        self._stopping = asyncio.Event()
         self._idle_since: float | None = None
         self._log = log.bind(client_id=site, modality=modality)
         self.updates = UpdateSender(config, site, self.metrics, self._log)
@@ -145,16 +146,6 @@ class ModalityEdgeClient:
             self._log.info(
                 "edge_stopped", scored=self.counters.scored, updates=self.counters.updates_sent
             )
-
-    async def __aenter__(self) -> ModalityEdgeClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def request_stop(self) -> None:
-        self._stopping.set()
 
     async def run(self) -> None:
         assert self._consumer is not None, "ModalityEdgeClient.start() was not called"

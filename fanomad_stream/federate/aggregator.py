@@ -17,7 +17,6 @@ ledger) lives in ``rounds.RoundEngine``; secure aggregation rounds over ``fl.con
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -36,6 +35,7 @@ from fanomad_stream.privacy.dp import SecureGaussian
 from fanomad_stream.privacy.ledger_records import read_ledger_records
 from fanomad_stream.service.failpoints import crash_point
 from fanomad_stream.service.metrics import AggregatorMetrics
+from fanomad_stream.service.runner import ServiceLifecycle
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
 
@@ -90,7 +90,7 @@ def validate_update(
             )
 
 
-class Aggregator:
+class Aggregator(ServiceLifecycle):
     """Rounds over the ``fl.updates`` topic, or over ``fl.control`` with secure aggregation.
 
     Parameters
@@ -103,6 +103,7 @@ class Aggregator:
     """
 
     def __init__(self, config: AppConfig, *, noise: SecureGaussian | None = None) -> None:
+        super().__init__()
         self.config = config
         self._noise = noise
         self.settings = config.aggregator
@@ -112,7 +113,6 @@ class Aggregator:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._dead: DeadLetters | None = None
-        self._stopping = asyncio.Event()
         self.model: GlobalModel | None = None
         self.engine: RoundEngine | None = None
         self._secagg: SecAggCoordinator | None = None
@@ -135,8 +135,8 @@ class Aggregator:
         )
         self._restore_state(self.model)
         if self.engine.ledger is not None:
-            # A ledger record is published before its version; one above the newest version
-            # belongs to a round that was never released, and that round runs again.
+            # A ledger record is published before its version. A record above the newest
+            # version belongs to a round that was never released, and that round runs again.
             bodies = await read_ledger_records(self._kafka, self._model_name)
             released = [b for b in bodies if int(b.get("version", 0)) <= self.model.version]
             self.engine.restore_ledger(released)
@@ -164,16 +164,6 @@ class Aggregator:
             self._log.info(
                 "aggregator_stopped", rounds=self.rounds_completed, rejected=self.rejected
             )
-
-    async def __aenter__(self) -> Aggregator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def request_stop(self) -> None:
-        self._stopping.set()
 
     async def run(self) -> None:
         while not self._stopping.is_set():
@@ -312,8 +302,9 @@ class Aggregator:
     async def _release(self, closed: RoundClosed, *, upto: ConsumerRecord | None = None) -> None:
         """Publish a released round, its ledger record, and commit the offsets it used.
 
-        With ``upto`` the commit ends at that record; without, at the consumer's position,
-        which is right when every consumed record was folded into this round or rejected.
+        With ``upto``, the commit ends at that record. Without it, the commit ends at the
+        consumer's position, which is right when every consumed record was folded into this
+        round or rejected.
         """
         assert self.engine is not None and self._consumer is not None
         started = self._round_opened_at or time.monotonic()

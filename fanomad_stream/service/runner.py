@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Protocol
+from typing import Protocol, Self
 
 import structlog
 
@@ -16,6 +16,34 @@ class Service(Protocol):
     async def run(self) -> None: ...
     async def stop(self) -> None: ...
     def request_stop(self) -> None: ...
+
+
+class ServiceLifecycle:
+    """Base of the long-lived services: a stop flag and ``async with`` for start and stop.
+
+    Subclasses implement ``start`` and ``stop``, and their ``run`` loop ends once
+    ``_stopping`` is set.
+    """
+
+    def __init__(self) -> None:
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    def request_stop(self) -> None:
+        """Ask ``run`` to return after the step in progress."""
+        self._stopping.set()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
 
 async def run_until_signalled(service: Service, name: str, stop_timeout_s: float = 30.0) -> None:
