@@ -57,7 +57,7 @@ log = structlog.get_logger(__name__)
 
 Service = EdgeClient | ModalityEdgeClient | Aggregator
 # Smallest distance of a quiet metric window from every fault case's time span, in seconds.
-# Fault durations are not recorded; the two cpu_contention faults of the data show in the
+# Fault durations are not recorded. The two cpu_contention faults of the data show in the
 # injected pod's CPU for three to four minutes, so ten minutes leave a margin.
 QUIET_GAP_S = 600.0
 

@@ -1,10 +1,10 @@
 """A local checkpoint of an edge client's scoring state and of the offsets that state covers.
 
 The file ``<state_dir>/<site>/checkpoint.bin`` is one JSON header line followed by a pickle of
-``EdgePipeline.snapshot()``. The header carries the format version, the fingerprint of the
-settings the state was built with, the site, the global model version, the last update round,
-the next offset to read of every partition whose records the state has folded in, and the
-SHA-256 of the pickle. A file from another format, site or configuration is rejected before the
+``EdgePipeline.snapshot()``. The header carries the format version, the site, the fingerprint
+of the settings the state was built with, and the SHA-256 of the pickle. It also carries the
+global model version, the last update round, and the next offset to read of every partition
+whose records the state has folded in. A file from another format, site or configuration is rejected before the
 pickle is read.
 
 Pickle runs code while it loads, so the checkpoint is trusted local state: the reader rejects a
@@ -58,7 +58,7 @@ class CheckpointRejectedError(Exception):
 
 @dataclass
 class EdgeCheckpoint:
-    """What a checkpoint restores: the pipeline state and where each partition resumes."""
+    """The restorable content of a checkpoint: pipeline state and each partition's next offset."""
 
     site: str
     fingerprint: str

@@ -131,7 +131,7 @@ class LogsPipeline(_Scoring):
         self.contexts: dict[str, StreamContext] = {}
         self.scalers: dict[str, StreamingScaler] = {}
         # HalfSpaceTrees, the online baseline in each score's ``detail``: on the line row for
-        # a sequence model, on the standardized window vector for the MLP. A line row holds
+        # a sequence model, on the standardized window vector for the MLP. A line row contains
         # 0 or 1, so z_range 1 maps it to 0.5 or 1.0 of HST's [0, 1] range.
         self.hst = HalfSpaceTreesDetector(
             logs.n_buckets + 2 if self.sequence is not None else self.featurizer.n_features,

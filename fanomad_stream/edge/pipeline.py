@@ -6,7 +6,7 @@ federation averages. A batch of one source goes through: standardize with the st
 before the batch → score (autoencoder, HST, L2 norm) → threshold fitted on past scores →
 learn. The autoencoder's input rows go into the site's training window. The first
 ``edge.scaler_warmup_rows`` rows of a source only fit its scaler: they get score 0, no alert,
-HST and L2 of 0, and neither the threshold, HST nor the training window sees them.
+HST and L2 of 0, and they never reach the threshold, HST or the training window.
 
 ``edge.scoring`` picks the autoencoder score and its threshold:
 

@@ -2,8 +2,8 @@
 
 ``last_update_round`` is the last round whose update the broker acknowledged.
 ``sending_round`` is set just before an update is sent and cleared once it is acknowledged, so
-a client that finds it after a crash knows that the outcome of that send is unknown and
-checks ``fl.updates`` before it trains for that round again.
+a client that finds it after a crash treats the outcome of that send as unknown. It checks
+``fl.updates`` before it trains for that round again.
 """
 
 from __future__ import annotations

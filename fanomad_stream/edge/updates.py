@@ -1,4 +1,4 @@
-"""How an edge client's trained window leaves the site, the same way for every modality.
+"""The update path of every edge client: train a window, protect it, and send it.
 
 ``UpdateSender`` trains through ``EdgePrivacy``: DP-SGD, or clipping and noise shares under
 client-level DP. It publishes the site's ledger record before the update that the record

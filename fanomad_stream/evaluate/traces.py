@@ -59,9 +59,9 @@ def split_long_windows(windows: Sequence[WindowLabel]) -> list[WindowLabel]:
     """Cut each window much longer than the median fault window into parts of about that length.
 
     A window's score is the max over its events, and the max over three minutes of normal
-    events is higher than over one, so a long fault-free window (the Nezha 2023-01-29 one
-    spans about 168 s against about 60 s per fault window) would look more anomalous for its
-    length alone. A window longer than 1.5 median lengths becomes ``round(length / median)``
+    events is higher than over one. A long fault-free window would therefore look more
+    anomalous for its length alone: the Nezha 2023-01-29 one spans about 168 s, against about
+    60 s per fault window. A window longer than 1.5 median lengths becomes ``round(length / median)``
     equal parts named ``<window>.<part>``. The other windows are kept as they are.
     """
     lengths = [w.last_unix - w.first_unix for w in windows if w.label == 1]
@@ -93,7 +93,7 @@ def quiet_windows(
 ) -> list[WindowLabel]:
     """Return fault-free windows of ``length_s`` over the times ``ts``, far from every case.
 
-    The windows tile UTC time from the epoch, and a window is kept when it holds a time of
+    The windows tile UTC time from the epoch, and a window is kept when it contains a time of
     ``ts`` and lies at least ``gap_s`` from the time span of every case in ``cases`` (pass all
     cases, shipped or not). It is named ``quiet-HH_MM`` after its start. Streams that cover
     more than the shipped windows, such as the per-pod metrics, get negatives this way that

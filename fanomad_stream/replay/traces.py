@@ -29,9 +29,9 @@ UNUSABLE_METRICS = frozenset({"PodSuccessRate(%)"})
 # windows), so an unshipped case's last window is taken to end 10 s after that minute.
 WINDOW_END_SLACK_S = 10.0
 # A pod metric row stamped t summarises the minute (t - 60 s, t]. In both cpu_contention cases
-# of the shipped cut the injected pod's CpuUsage first reaches about 500 m in the row stamped
-# at the end of the first whole minute after the injection (13:31:54 → 13:33:09, 14:49:57 →
-# 14:51:10), and the row before shows no rise. Labels and windows therefore place a row at the
+# of the shipped cut, the injected pod's CpuUsage first reaches about 500 m in the row stamped
+# at the end of the first whole minute after the injection. The injections and those rows are
+# 13:31:54 → 13:33:09 and 14:49:57 → 14:51:10, and the row before shows no rise. Labels and windows therefore place a row at the
 # middle of its minute, t - METRIC_INTERVAL_S / 2.
 METRIC_INTERVAL_S = 60.0
 LOG_LEVELS = frozenset({"TRACE", "DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL"})

@@ -128,7 +128,7 @@ def test_evaluate_windows_skips_injection_minute() -> None:
 
 
 def test_evaluate_windows_without_events() -> None:
-    """When no window holds an event the window metrics are empty and NaN, not an error."""
+    """When no window contains an event the window metrics are empty and NaN, not an error."""
     rows = window_rows(np.array([1e6]), np.array([0.5]), np.array([False]), WINDOWS)
 
     metrics = evaluate_windows(rows)
