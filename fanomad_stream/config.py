@@ -97,15 +97,39 @@ class ModelSettings(_Section):
     local_epochs: int = Field(default=2, ge=1, le=100)
     batch_size: int = Field(default=64, ge=1, le=65_536)
     proximal_mu: float = Field(default=0.0, ge=0.0)
+    # Sequence kinds: also train on each stream's first rows[:k], k < window, so a stream's
+    # first events score like later ones. Streams shorter than the window (HDFS block
+    # sessions) need it; alerts then start at a stream's first event.
+    train_prefixes: bool = False
     seed: int = 0
 
 
 class ThresholdSettings(_Section):
-    """Per-source alert threshold, fitted on past scores only."""
+    """Per-source alert threshold, fitted on past scores only.
 
+    ``quantile``: the ``quantile`` of the last ``history`` scores, so about 1 - quantile of
+    the scores alert whatever their size. ``spot``: a generalized Pareto tail fitted on the
+    scores above their 98th percentile (SPOT), so a score alerts when its tail probability
+    is below ``spot_risk``; it needs ``warmup_events`` >= 500 to calibrate.
+    """
+
+    kind: Literal["quantile", "spot"] = "quantile"
     quantile: float = Field(default=0.99, gt=0.5, lt=1.0)
     warmup_events: int = Field(default=200, ge=10)
     history: int = Field(default=5_000, ge=100)
+    spot_risk: float = Field(default=1e-3, gt=0.0, lt=1.0)
+    # Upper bound on the SPOT threshold as a multiple of the median calibration score.
+    spot_median_cap: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _spot_has_peaks(self) -> ThresholdSettings:
+        if self.kind == "spot" and self.warmup_events < 500:
+            msg = (
+                f"threshold kind spot calibrates on warmup_events scores and needs >= 500, "
+                f"got {self.warmup_events}; raise warmup_events or use kind quantile"
+            )
+            raise ValueError(msg)
+        return self
 
 
 class ContextScoringSettings(_Section):
@@ -267,6 +291,14 @@ class LogsSettings(_Section):
     n_buckets: int = Field(default=64, ge=1, le=65_536)
     window_s: float = Field(default=60.0, gt=0)
     max_lines: int = Field(default=10_000, ge=1)
+    # Sources whose recent lines a sequence model keeps; the least recently seen source is
+    # dropped past this, and the drop is counted. A dropped source that writes again starts a
+    # fresh window.
+    max_sources: int = Field(default=10_000, ge=1)
+    # A line with this event id (LogRecord.event) closes its source's window, so a window
+    # holds one session, such as an HDFS block. The MLP then scores each session's count
+    # vector, standardized by one scaler of the site, against one threshold of the site.
+    session_end_event: str | None = Field(default=None, min_length=1)
     # Each site keeps its drain3 state in <state_dir>/<site>/drain3.json.
     state_dir: Path = Path("state")
 
@@ -312,11 +344,28 @@ class NezhaSettings(_Section):
         return modalities
 
 
-class LogDemoSettings(_Section):
-    """The live log demo: a labelled LogHub sample replayed through one logs edge client."""
+class SessionReplaySettings(_Section):
+    """Which of DeepLog's HDFS block sessions the log demo replays, and how they overlap.
 
-    # BGL and Thunderbird carry a per-line label as the first token of each line.
-    dataset: Literal["bgl", "thunderbird"] = "bgl"
+    The first ``warmup_sessions`` normal sessions are scored and trained on but not
+    evaluated. The evaluated part follows: the next ``normal_sessions`` normal sessions and
+    ``anomalous_sessions`` anomalous ones drawn at random, in a seeded random order.
+    """
+
+    warmup_sessions: int = Field(default=1_500, ge=1)
+    normal_sessions: int = Field(default=1_500, ge=1)
+    anomalous_sessions: int = Field(default=100, ge=1)
+    # Block sessions open at the same time; their lines interleave in the stream.
+    concurrency: int = Field(default=20, ge=1, le=100_000)
+    seed: int = 0
+
+
+class LogDemoSettings(_Section):
+    """The live log demo: a labelled log replayed through the logs edge clients of ``sites``."""
+
+    # BGL and Thunderbird carry a per-line label as the first token of each line;
+    # hdfs_sessions are DeepLog's HDFS block sessions, labelled per block.
+    dataset: Literal["bgl", "thunderbird", "hdfs_sessions"] = "bgl"
     data_dir: Path | None = None  # the LogHub folder; default: the copy beside the checkout
     limit: int | None = Field(default=None, ge=1)  # first lines to replay; None: all
     events_per_s: float = Field(default=0.0, ge=0.0)  # 0 sends as fast as possible
@@ -324,9 +373,22 @@ class LogDemoSettings(_Section):
     # samples draw lines from months of logs of about 1,800 nodes, so a per-node stream is
     # one or two lines long and a sequence model never fills its window or alerts.
     single_stream: bool = True
-    # Consecutive lines of the replay per evaluation window.
+    # Consecutive lines of the replay per evaluation window (BGL, Thunderbird).
     lines_per_window: int = Field(default=20, ge=1)
+    # Edge clients, each scoring the sources (nodes, blocks) dealt to it in turn.
+    sites: int = Field(default=1, ge=1, le=64)
+    sessions: SessionReplaySettings = SessionReplaySettings()
     timeout_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _sessions_keep_their_blocks(self) -> LogDemoSettings:
+        if self.dataset == "hdfs_sessions" and self.single_stream:
+            msg = (
+                "log_demo.single_stream must be false for hdfs_sessions: each block session "
+                "is its own source"
+            )
+            raise ValueError(msg)
+        return self
 
 
 class EvaluationSettings(_Section):

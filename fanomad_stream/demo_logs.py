@@ -17,31 +17,41 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
-from fanomad_stream.config import AppConfig
+from fanomad_stream.config import AppConfig, SessionReplaySettings
 from fanomad_stream.demo_multimodal import (
-    only_client,
+    only_clients,
     run_on_own_broker,
     running_services,
     wait_committed,
 )
+from fanomad_stream.edge.modalities import LogsPipeline
 from fanomad_stream.edge.stream_client import ModalityEdgeClient
 from fanomad_stream.errors import ConfigError
 from fanomad_stream.evaluate.log_baselines import log_pca_scores
 from fanomad_stream.evaluate.logs import (
     ScorerRow,
+    SessionRow,
     count_windows,
     render_scorer_table,
+    render_session_table,
     scorer_rows,
+    session_scorer_rows,
 )
 from fanomad_stream.evaluate.modalities import join_series
 from fanomad_stream.federate.aggregator import Aggregator
 from fanomad_stream.modalities import is_sequence, modality_config
 from fanomad_stream.replay import streams
-from fanomad_stream.replay.logs import LogDataset
+from fanomad_stream.replay.logs import (
+    END_EVENT,
+    LogDataset,
+    interleave_sessions,
+    read_hdfs_sessions,
+)
 from fanomad_stream.transport.reader import read_topic
 from fanomad_stream.transport.topics import apply_catalog, load_catalog
 
@@ -59,43 +69,121 @@ burst figures are n/a."""
 class LogDemoResult:
     """Figures of one log demo run."""
 
-    lines: int  # lines replayed
-    scored: int  # distinct lines with a score
+    lines: int  # lines replayed, or sessions when the MLP scores one window per session
+    scored: int  # distinct lines (or sessions) with a score
     rows: list[ScorerRow]
     seconds: float
     global_version: int  # -1 when no round completed
+    sessions: list[SessionRow] = field(default_factory=list)  # hdfs_sessions only
+    sources_dropped: int = 0  # per-source windows the clients dropped at logs.max_sources
 
 
 def load_demo_dataset(config: AppConfig) -> LogDataset:
-    """Read the configured LogHub sample, cut to ``log_demo.limit`` lines.
+    """Read the configured log sample, cut to ``log_demo.limit`` lines.
 
-    With ``log_demo.single_stream`` every record's source becomes the data set's name.
+    With ``log_demo.single_stream`` every record's source becomes the data set's name. For
+    ``hdfs_sessions`` the records are the interleaved block sessions that
+    ``log_demo.sessions`` selects (see ``session_dataset``).
 
     Raises ConfigError naming the folder when the LogHub copy is missing, and when
     ``logs.model`` is not a sequence model (the demo evaluates one score per line).
     """
     settings = config.log_demo
-    if not is_sequence(config.logs.model):
+    if not is_sequence(config.logs.model) and not scores_sessions(config):
         msg = (
             f"logs.model.kind {config.logs.model.kind!r} scores windows, but the log demo "
             "evaluates one score per line; set logs.model.kind to lstm_autoencoder or "
-            "transformer_autoencoder"
+            "transformer_autoencoder (or, for hdfs_sessions, set logs.session_end_event to "
+            f"{END_EVENT!r} to score one window per session)"
+        )
+        raise ConfigError(msg)
+    if scores_sessions(config) and settings.dataset != "hdfs_sessions":
+        msg = (
+            f"logs.session_end_event is set, but log_demo.dataset {settings.dataset!r} has no "
+            "session end lines; unset it or use hdfs_sessions"
         )
         raise ConfigError(msg)
     folder = settings.data_dir or streams.LOGHUB_DIR
     if not folder.is_dir():
         msg = (
             f"LogHub folder {folder} not found; set log_demo.data_dir to a local LogHub copy "
-            "with BGL/BGL_2k.log or Thunderbird/Thunderbird_2k.log (the project ships none)"
+            "with BGL/BGL_2k.log, Thunderbird/Thunderbird_2k.log or HDFS_sessions_deeplog/ "
+            "(the project ships none)"
         )
         raise ConfigError(msg)
-    dataset = streams.load_log_dataset(settings.dataset, folder)
+    if settings.dataset == "hdfs_sessions":
+        dataset = session_dataset(folder / "HDFS_sessions_deeplog", settings.sessions)
+    else:
+        dataset = streams.load_log_dataset(settings.dataset, folder)
     records = dataset.records[: settings.limit]
     if settings.single_stream:
         records = [replace(record, source=dataset.name) for record in records]
     labels = None if dataset.labels is None else dataset.labels[: settings.limit]
     categories = None if dataset.categories is None else dataset.categories[: settings.limit]
     return LogDataset(dataset.name, records, labels, categories)
+
+
+def session_dataset(folder: Path, settings: SessionReplaySettings) -> LogDataset:
+    """Interleave the warm-up, normal and anomalous HDFS block sessions into one stream.
+
+    Block ``blk_<n>`` is the n-th session: the warm-up sessions come first, so a block is
+    evaluated when ``n >= settings.warmup_sessions`` (see ``evaluated_lines``).
+    """
+    if not folder.is_dir():
+        msg = f"HDFS session folder {folder} not found; it holds DeepLog's hdfs_train.txt"
+        raise ConfigError(msg)
+    normal_needed = settings.warmup_sessions + settings.normal_sessions
+    sessions = read_hdfs_sessions(folder, max_normal=normal_needed)
+    normal = [session for session in sessions if session.label == 0]
+    anomalous = [session for session in sessions if session.label == 1]
+    if len(normal) < normal_needed or len(anomalous) < settings.anomalous_sessions:
+        msg = (
+            f"log_demo.sessions asks for {normal_needed} normal and "
+            f"{settings.anomalous_sessions} anomalous sessions, but {folder} holds "
+            f"{len(normal)} and {len(anomalous)}; lower the counts"
+        )
+        raise ConfigError(msg)
+    rng = np.random.default_rng(settings.seed)
+    drawn = rng.choice(len(anomalous), settings.anomalous_sessions, replace=False)
+    evaluated = normal[settings.warmup_sessions :] + [anomalous[i] for i in sorted(drawn)]
+    evaluated = [evaluated[i] for i in rng.permutation(len(evaluated))]
+    return interleave_sessions(
+        normal[: settings.warmup_sessions] + evaluated,
+        concurrency=settings.concurrency,
+        seed=settings.seed,
+    )
+
+
+def scores_sessions(config: AppConfig) -> bool:
+    """True when the logs MLP scores one window per session instead of a score per line."""
+    return not is_sequence(config.logs.model) and config.logs.session_end_event == END_EVENT
+
+
+def evaluated_lines(dataset: LogDataset, config: AppConfig) -> np.ndarray:
+    """Return a mask of the lines the evaluation counts: all but the warm-up sessions'."""
+    if config.log_demo.dataset != "hdfs_sessions":
+        return np.ones(len(dataset.records), dtype=bool)
+    return session_numbers(dataset) >= config.log_demo.sessions.warmup_sessions
+
+
+def session_numbers(dataset: LogDataset) -> np.ndarray:
+    """Return each line's session number ``n`` from its source ``blk_<n>``."""
+    return np.array([int(record.source.removeprefix("blk_")) for record in dataset.records])
+
+
+def site_sources(dataset: LogDataset, sites: int) -> list[list[str]]:
+    """Deal the sources to ``sites`` sites in turn, in order of their first line.
+
+    Raises ConfigError when there are fewer sources than sites.
+    """
+    sources = list(dict.fromkeys(record.source for record in dataset.records))
+    if len(sources) < sites:
+        msg = (
+            f"log_demo.sites is {sites}, but the replay has {len(sources)} source(s); lower "
+            "log_demo.sites or set log_demo.single_stream to false"
+        )
+        raise ConfigError(msg)
+    return [sources[i::sites] for i in range(sites)]
 
 
 def run_log_demo(config: AppConfig) -> int:
@@ -112,9 +200,9 @@ def run_log_demo(config: AppConfig) -> int:
 async def replay_and_evaluate(
     config: AppConfig, dataset: LogDataset, *, progress: bool = True
 ) -> LogDemoResult:
-    """Replay ``dataset`` through a logs edge client and its aggregator, then evaluate.
+    """Replay ``dataset`` through the logs edge clients and their aggregator, then evaluate.
 
-    ``config.kafka`` must reach a running broker. Raises TimeoutError when the client has not
+    ``config.kafka`` must reach a running broker. Raises TimeoutError when a client has not
     committed the replay within ``log_demo.timeout_s``.
     """
     if dataset.labels is None:
@@ -122,18 +210,30 @@ async def replay_and_evaluate(
         raise ConfigError(msg)
     await apply_catalog(config.kafka, load_catalog())
     settings = config.log_demo
-    site = f"{dataset.name}-logs"
+    dealt = site_sources(dataset, settings.sites)
+    names = [
+        f"{dataset.name}-logs" if settings.sites == 1 else f"{dataset.name}-logs-{i}"
+        for i in range(settings.sites)
+    ]
     logs_config = modality_config(config, "logs")
-    client = ModalityEdgeClient(logs_config, site=site, modality="logs")
-    aggregator = Aggregator(only_client(logs_config, site))
-    group = f"{config.edge.group_prefix}-logs-{site}"
+    clients = [
+        ModalityEdgeClient(
+            logs_config,
+            site=name,
+            modality="logs",
+            sources=None if settings.sites == 1 else sources,
+        )
+        for name, sources in zip(names, dealt, strict=True)
+    ]
+    aggregator = Aggregator(only_clients(logs_config, names))
+    groups = {f"{config.edge.group_prefix}-logs-{name}": "logs.raw" for name in names}
 
     began = time.monotonic()
-    async with running_services(aggregator, client) as tasks:
+    async with running_services(aggregator, *clients) as tasks:
         await streams.replay_logs(
             config.kafka, dataset, events_per_s=settings.events_per_s, progress=progress
         )
-        await wait_committed(config, {group: "logs.raw"}, tasks, settings.timeout_s)
+        await wait_committed(config, groups, tasks, settings.timeout_s)
     seconds = time.monotonic() - began
 
     scores = await read_topic(config.kafka, "scores", frozenset({"score"}))
@@ -145,7 +245,12 @@ async def replay_and_evaluate(
         msg = "the logs edge client sent scores without a HalfSpaceTrees score in detail.hst"
         raise RuntimeError(msg)
 
-    window_ids = count_windows(len(dataset.records), settings.lines_per_window)
+    sessions = settings.dataset == "hdfs_sessions"
+    window_ids = (
+        session_numbers(dataset)
+        if sessions
+        else count_windows(len(dataset.records), settings.lines_per_window)
+    )
     pca = log_pca_scores(dataset.records, n_buckets=config.logs.n_buckets, window_ids=window_ids)
     rng = np.random.default_rng(config.evaluation.seed)
     scorers: dict[str, tuple[np.ndarray, np.ndarray | None]] = {
@@ -157,33 +262,71 @@ async def replay_and_evaluate(
         "River HalfSpaceTrees (online)": (series.hst[order], None),
         "count-vector PCA (offline)": (pca[indices], None),
     }
-    rows = scorer_rows(series.labels[order], window_ids[indices], scorers)
+    counted = evaluated_lines(dataset, config)[indices]
+    counted_scorers = {
+        name: (values[counted], None if alerts is None else alerts[counted])
+        for name, (values, alerts) in scorers.items()
+    }
+    labels_counted = series.labels[order][counted]
+    groups_counted = window_ids[indices][counted]
+    rows = scorer_rows(labels_counted, groups_counted, counted_scorers)
+    session_table = (
+        session_scorer_rows(labels_counted, groups_counted, counted_scorers) if sessions else []
+    )
+    # The session MLP scores once per session, at the session's end line.
+    expected = (
+        int(np.unique(window_ids).shape[0]) if scores_sessions(config) else len(dataset.records)
+    )
     return LogDemoResult(
-        lines=len(dataset.records),
+        lines=expected,
         scored=int(np.unique(indices).shape[0]),
         rows=rows,
         seconds=seconds,
         global_version=aggregator.model.version if aggregator.model else -1,
+        sessions=session_table,
+        sources_dropped=sum(
+            client.pipeline.sources_dropped
+            for client in clients
+            if isinstance(client.pipeline, LogsPipeline)
+        ),
     )
+
+
+SESSION_NOTES = """\
+DeepLog's HDFS block sessions, interleaved as concurrent blocks; each block ends with an
+end-of-session line. The warm-up sessions are scored and trained on but not counted. A
+session is anomalous by its label, scores the max (or mean) of its line scores and alerts
+when any of its lines alerted. Random: one uniform draw per line. HST: River HalfSpaceTrees
+that the edge clients ran online on each line's row. PCA: the count-vector PCA of Xu et al.
+(SOSP 2009), fitted offline on every session's template counts. The baselines raise no
+alerts, so their F1, precision and recall at the operating threshold are n/a."""
 
 
 def _report(config: AppConfig, dataset: LogDataset, result: LogDemoResult) -> int:
-    table = render_scorer_table(result.rows)
     out_dir = config.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{dataset.name}.json").write_text(
-        json.dumps([asdict(row) for row in result.rows], indent=2)
-    )
-    (out_dir / f"{dataset.name}.md").write_text(table + "\n\n" + TABLE_NOTES + "\n")
+    counted = "sessions" if scores_sessions(config) else "lines"
+    if result.sessions:
+        table, notes = render_session_table(result.sessions), SESSION_NOTES
+        figures = [asdict(row) for row in result.sessions]
+        unit = f"{config.log_demo.sessions.warmup_sessions} warm-up sessions not counted"
+    else:
+        table, notes = render_scorer_table(result.rows), TABLE_NOTES
+        figures = [asdict(row) for row in result.rows]
+        unit = f"windows of {config.log_demo.lines_per_window} lines"
+    (out_dir / f"{dataset.name}.json").write_text(json.dumps(figures, indent=2))
+    (out_dir / f"{dataset.name}.md").write_text(table + "\n\n" + notes + "\n")
     print(table)
-    print("\n" + TABLE_NOTES)
+    print("\n" + notes)
     print(
-        f"\nScored {result.scored} of {result.lines} {dataset.name} lines in "
-        f"{result.seconds:.1f} s; windows of {config.log_demo.lines_per_window} lines; "
-        f"global model version: {result.global_version}."
+        f"\nScored {result.scored} of {result.lines} {dataset.name} {counted} in "
+        f"{result.seconds:.1f} s on {config.log_demo.sites} site(s); {unit}; "
+        f"global model version: {result.global_version}; per-source windows dropped at "
+        f"logs.max_sources: {result.sources_dropped}."
     )
     print(f"Results: {out_dir / (dataset.name + '.md')}")
     if result.scored != result.lines:
-        print(f"error: {result.lines - result.scored} lines have no score", file=sys.stderr)
+        missing = result.lines - result.scored
+        print(f"error: {missing} {counted} have no score", file=sys.stderr)
         return 1
     return 0

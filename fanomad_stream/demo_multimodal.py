@@ -161,7 +161,7 @@ async def run_on_broker(config: AppConfig) -> int:
     # Every aggregator reads fl.updates, so each admits only its own modality's site and
     # dead-letters the other sites' updates as unknown_client.
     aggregators = [
-        Aggregator(only_client(modality_config(config, modality), f"nezha-{modality}"))
+        Aggregator(only_clients(modality_config(config, modality), [f"nezha-{modality}"]))
         for modality in clients
     ]
     began = time.monotonic()
@@ -199,8 +199,9 @@ async def run_on_broker(config: AppConfig) -> int:
     return 0
 
 
-def only_client(config: AppConfig, site: str) -> AppConfig:
-    aggregator = config.aggregator.model_copy(update={"clients": [site]})
+def only_clients(config: AppConfig, sites: list[str]) -> AppConfig:
+    """Return ``config`` with the aggregator accepting updates from ``sites`` only."""
+    aggregator = config.aggregator.model_copy(update={"clients": sites})
     return config.model_copy(update={"aggregator": aggregator})
 
 

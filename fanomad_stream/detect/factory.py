@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-from fanomad_stream.config import ModelSettings
+from fanomad_stream.config import ModelSettings, ThresholdSettings
 from fanomad_stream.detect.autoencoder import AutoencoderDetector, Weights
 from fanomad_stream.detect.sequence import (
     LSTMAutoencoderDetector,
     SequenceAutoencoderDetector,
     TransformerAutoencoderDetector,
 )
+from fanomad_stream.detect.spot import SpotThreshold
+from fanomad_stream.detect.threshold import QuantileThreshold
 
 ModelDetector = AutoencoderDetector | SequenceAutoencoderDetector
+Threshold = QuantileThreshold | SpotThreshold
+
+
+def build_threshold(settings: ThresholdSettings) -> Threshold:
+    """Build the alert threshold ``settings.kind`` names, for one source or site."""
+    if settings.kind == "spot":
+        return SpotThreshold(
+            risk=settings.spot_risk,
+            warmup_events=settings.warmup_events,
+            median_cap=settings.spot_median_cap,
+        )
+    return QuantileThreshold(settings.quantile, settings.warmup_events, settings.history)
 
 
 def build_detector(settings: ModelSettings) -> ModelDetector:
@@ -40,6 +54,7 @@ def build_detector(settings: ModelSettings) -> ModelDetector:
             local_epochs=settings.local_epochs,
             batch_size=settings.batch_size,
             proximal_mu=settings.proximal_mu,
+            train_prefixes=settings.train_prefixes,
             seed=settings.seed,
         )
     return TransformerAutoencoderDetector(
@@ -52,6 +67,7 @@ def build_detector(settings: ModelSettings) -> ModelDetector:
         local_epochs=settings.local_epochs,
         batch_size=settings.batch_size,
         proximal_mu=settings.proximal_mu,
+        train_prefixes=settings.train_prefixes,
         seed=settings.seed,
     )
 

@@ -10,7 +10,7 @@ array of equal-shaped records, the input of DP-SGD.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import numpy as np
 
 from fanomad_stream.config import AppConfig
 from fanomad_stream.detect.autoencoder import AutoencoderDetector, Weights
-from fanomad_stream.detect.factory import ModelDetector, build_detector
+from fanomad_stream.detect.factory import ModelDetector, Threshold, build_detector, build_threshold
 from fanomad_stream.detect.hst import HalfSpaceTreesDetector
 from fanomad_stream.detect.scaling import StreamingScaler
 from fanomad_stream.detect.sequence import (
@@ -27,7 +27,6 @@ from fanomad_stream.detect.sequence import (
     StreamContext,
     training_windows,
 )
-from fanomad_stream.detect.threshold import QuantileThreshold
 from fanomad_stream.featurize.logs import (
     LogFeaturizer,
     LogWindowFeatures,
@@ -76,7 +75,7 @@ class _Scoring:
     def __init__(self, config: AppConfig) -> None:
         self.edge = config.edge
         self.detector: ModelDetector = build_detector(config.model)
-        self.thresholds: dict[str, QuantileThreshold] = {}
+        self.thresholds: dict[str, Threshold] = {}
         self.events_since_training = 0
 
     @property
@@ -86,8 +85,7 @@ class _Scoring:
     def threshold(self, key: str, scores: np.ndarray) -> np.ndarray:
         state = self.thresholds.get(key)
         if state is None:
-            settings = self.edge.threshold
-            state = QuantileThreshold(settings.quantile, settings.warmup_events, settings.history)
+            state = build_threshold(self.edge.threshold)
             self.thresholds[key] = state
         return state.thresholds_for(scores)
 
@@ -126,9 +124,19 @@ class LogsPipeline(_Scoring):
         super().__init__(config)
         logs = config.logs
         self.featurizer = LogFeaturizer(
-            state_path, n_buckets=logs.n_buckets, window_s=logs.window_s, max_lines=logs.max_lines
+            state_path,
+            n_buckets=logs.n_buckets,
+            window_s=logs.window_s,
+            max_lines=logs.max_lines,
+            end_event=logs.session_end_event,
         )
-        self.contexts: dict[str, StreamContext] = {}
+        # Session windows (one per HDFS block) share one scaler and threshold per site, and a
+        # window's score takes the index of the line that closed it.
+        self.sessions = logs.session_end_event is not None
+        # Per-source windows of recent lines, least recently seen first; at most max_sources.
+        self.contexts: OrderedDict[str, StreamContext] = OrderedDict()
+        self.max_sources = logs.max_sources
+        self.sources_dropped = 0
         self.scalers: dict[str, StreamingScaler] = {}
         # HalfSpaceTrees, the online baseline in each score's ``detail``: on the line row for
         # a sequence model, on the standardized window vector for the MLP. A line row contains
@@ -173,9 +181,7 @@ class LogsPipeline(_Scoring):
             by_source.setdefault(line.record.source, []).append((incoming, line))
         scored = []
         for source, items in by_source.items():
-            context = self.contexts.get(source)
-            if context is None:
-                context = self.contexts[source] = detector.new_context()
+            context = self._context(detector, source)
             seen_before = context.seen
             rows = self._line_rows([line for _, line in items])
             scores = detector.score_rows(rows, context)
@@ -184,7 +190,7 @@ class LogsPipeline(_Scoring):
             # across sources, and most sources write too few lines for a threshold of their own.
             thresholds = self.threshold("site", scores)
             for i, ((incoming, line), score) in enumerate(zip(items, scores, strict=True)):
-                warm = seen_before + i + 1 >= detector.window
+                warm = detector.train_prefixes or seen_before + i + 1 >= detector.window
                 scored.append(
                     Scored(
                         key=source,
@@ -206,6 +212,17 @@ class LogsPipeline(_Scoring):
             self.events_since_training += len(items)
         return scored
 
+    def _context(self, detector: SequenceAutoencoderDetector, source: str) -> StreamContext:
+        context = self.contexts.get(source)
+        if context is not None:
+            self.contexts.move_to_end(source)
+            return context
+        if len(self.contexts) >= self.max_sources:
+            self.contexts.popitem(last=False)
+            self.sources_dropped += 1
+        context = self.contexts[source] = detector.new_context()
+        return context
+
     def _line_rows(self, lines: list[MinedLine]) -> np.ndarray:
         return line_vectors(lines, self.featurizer.n_buckets)
 
@@ -213,18 +230,21 @@ class LogsPipeline(_Scoring):
         assert isinstance(self.detector, AutoencoderDetector)
         scored = []
         for incoming, window in closed:
-            scaler = self.scalers.get(window.source)
+            group = "site" if self.sessions else window.source
+            scaler = self.scalers.get(group)
             if scaler is None:
-                scaler = self.scalers[window.source] = StreamingScaler(
+                scaler = self.scalers[group] = StreamingScaler(
                     self.featurizer.n_features, self.edge.scale_floor
                 )
             z = scaler.transform(window.vector[None, :])
             score = self.detector.score_batch(z)
             hst = float(self.hst.score_and_learn(z)[0])
-            threshold = self.threshold(window.source, score)
+            threshold = self.threshold(group, score)
             scaler.learn(window.vector[None, :])
-            number = self.windows_scored.get(window.source, 0)
-            self.windows_scored[window.source] = number + 1
+            number = incoming.index
+            if not self.sessions:  # sessions are many and close once: count no windows
+                number = self.windows_scored.get(window.source, 0)
+                self.windows_scored[window.source] = number + 1
             scored.append(
                 Scored(
                     key=window.source,

@@ -34,10 +34,10 @@ import numpy as np
 
 from fanomad_stream.config import EdgeSettings, ModelSettings
 from fanomad_stream.detect.autoencoder import AutoencoderDetector, Weights
+from fanomad_stream.detect.factory import Threshold, build_threshold
 from fanomad_stream.detect.hst import HalfSpaceTreesDetector
 from fanomad_stream.detect.pipeline import ContextPipeline, PipelineConfig
 from fanomad_stream.detect.scaling import StreamingScaler
-from fanomad_stream.detect.threshold import QuantileThreshold
 
 
 @dataclass
@@ -92,7 +92,7 @@ class ContextState:
 class SourceState:
     scaler: StreamingScaler
     hst: HalfSpaceTreesDetector
-    threshold: QuantileThreshold
+    threshold: Threshold
     seen: int = 0
     context: ContextState | None = None
 
@@ -136,11 +136,7 @@ class EdgePipeline:
                     window_size=settings.hst_window,
                     seed=self.model.seed,
                 ),
-                threshold=QuantileThreshold(
-                    settings.threshold.quantile,
-                    settings.threshold.warmup_events,
-                    settings.threshold.history,
-                ),
+                threshold=build_threshold(settings.threshold),
             )
             if settings.scoring == "context":
                 state.context = ContextState(

@@ -221,3 +221,95 @@ def render_scorer_table(rows: list[ScorerRow]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """Per-session figures of one scorer: a session scores the max (and mean) of its lines.
+
+    ``decided`` is False for a baseline without alerts; its operating F1 is then NaN.
+    """
+
+    scorer: str
+    decided: bool
+    sessions: int
+    anomalous: int
+    line_auroc: float
+    auroc_max: float
+    pr_auc_max: float
+    best_f1_max: float
+    f1_operating: float
+    precision_operating: float
+    recall_operating: float
+    auroc_mean: float
+    pr_auc_mean: float
+
+
+def session_scorer_rows(
+    labels: np.ndarray,
+    session_ids: np.ndarray,
+    scorers: dict[str, tuple[np.ndarray, np.ndarray | None]],
+) -> list[SessionRow]:
+    """Evaluate each scorer's per-line (scores, alerts or None) per session.
+
+    ``labels`` holds each line's session label. A session alerts when any of its lines did.
+    """
+    session_ids = np.asarray(session_ids)
+    first: dict[int, int] = {}
+    for session, label in zip(session_ids.tolist(), np.asarray(labels).tolist(), strict=True):
+        first.setdefault(int(session), int(label))
+    rows = []
+    for name, (scores, decisions) in scorers.items():
+        decided = decisions is not None
+        shown = decisions if decisions is not None else np.zeros(np.shape(scores), dtype=bool)
+        by_max = evaluate_sessions(session_ids, first, scores, shown, "max")
+        by_mean = evaluate_sessions(session_ids, first, scores, shown, "mean")
+        line = evaluate_scores(labels, scores, shown)
+        rows.append(
+            SessionRow(
+                scorer=name,
+                decided=decided,
+                sessions=by_max.n,
+                anomalous=by_max.positives,
+                line_auroc=line.auroc,
+                auroc_max=by_max.auroc,
+                pr_auc_max=by_max.pr_auc,
+                best_f1_max=by_max.best_f1,
+                f1_operating=by_max.f1_operating if decided else float("nan"),
+                precision_operating=by_max.precision_operating if decided else float("nan"),
+                recall_operating=by_max.recall_operating if decided else float("nan"),
+                auroc_mean=by_mean.auroc,
+                pr_auc_mean=by_mean.pr_auc,
+            )
+        )
+    return rows
+
+
+def render_session_table(rows: list[SessionRow]) -> str:
+    """Render session rows as a Markdown table, with three decimals for rates."""
+    header = (
+        "| scorer | sessions (anomalous) | line AUROC | session AUROC | session PR-AUC "
+        "| best F1 | F1 (any alert) | precision | recall | AUROC (mean) | PR-AUC (mean) |"
+    )
+    lines = [header, "|" + "---|" * 11]
+    for row in rows:
+        cells = [
+            row.scorer,
+            f"{row.sessions} ({row.anomalous})",
+            *(
+                f"{value:.3f}"
+                for value in (
+                    row.line_auroc,
+                    row.auroc_max,
+                    row.pr_auc_max,
+                    row.best_f1_max,
+                    row.f1_operating,
+                    row.precision_operating,
+                    row.recall_operating,
+                    row.auroc_mean,
+                    row.pr_auc_mean,
+                )
+            ),
+        ]
+        lines.append("| " + " | ".join(cells).replace("nan", "n/a") + " |")
+    return "\n".join(lines)

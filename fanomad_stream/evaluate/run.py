@@ -26,7 +26,7 @@ import numpy as np
 import structlog
 
 from fanomad_stream.config import AppConfig
-from fanomad_stream.detect.threshold import QuantileThreshold
+from fanomad_stream.detect.factory import build_threshold
 from fanomad_stream.edge.pipeline import EdgePipeline
 from fanomad_stream.evaluate.metrics import DetectionMetrics, evaluate_scores
 from fanomad_stream.evaluate.series import (
@@ -84,9 +84,8 @@ class Evaluation:
 
 
 def online_decisions(scores: np.ndarray, config: AppConfig, batch: int) -> np.ndarray:
-    """Apply the edge's quantile threshold rule to a score series in arrival order."""
-    settings = config.edge.threshold
-    rule = QuantileThreshold(settings.quantile, settings.warmup_events, settings.history)
+    """Apply the edge's threshold rule to a score series in arrival order."""
+    rule = build_threshold(config.edge.threshold)
     thresholds = (
         np.concatenate(
             [rule.thresholds_for(scores[i : i + batch]) for i in range(0, scores.shape[0], batch)]

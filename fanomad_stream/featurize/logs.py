@@ -10,6 +10,7 @@ template is flagged, because an unseen message shape is itself a signal.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -85,7 +86,9 @@ class LogTemplateMiner:
     ----------
     state_path
         File holding this client's drain3 state, or None to keep it in memory only. The
-        state is saved whenever a template is created or changes, and by ``save``.
+        state is saved whenever a template is created or changes, and by ``save``. The event
+        ids of pre-parsed records (``LogRecord.event``) are kept beside it, in
+        ``<stem>-events.json``.
     n_buckets
         Width of the hashed template vocabulary. Must be >= 1.
     similarity_threshold
@@ -95,6 +98,9 @@ class LogTemplateMiner:
         Depth of Drain's prefix tree (>= 3). drain3 uses 4 by default.
     max_templates
         Upper bound on the templates kept (least recently used ones are dropped), or None.
+        Pre-parsed event ids have a bound of their own of the same size: events past it are
+        not remembered, so each of their lines counts as new, and ``events_dropped`` counts
+        those lines.
     """
 
     def __init__(
@@ -124,13 +130,25 @@ class LogTemplateMiner:
         config.masking_instructions = [MaskingInstruction(p, name) for p, name in DEFAULT_MASKS]
         self._persistence = None if state_path is None else AtomicFilePersistence(state_path)
         self._miner = TemplateMiner(self._persistence, config)
+        self._events_path = (
+            None if state_path is None else state_path.with_name(f"{state_path.stem}-events.json")
+        )
+        # Event id -> cluster id. Events get negative cluster ids (-1, -2, ... in order of
+        # first sight), so they never clash with drain3's positive ones.
+        self.events: dict[str, int] = self._load_events()
+        self.events_dropped = 0
 
     @property
     def template_count(self) -> int:
         return len(self._miner.drain.clusters)
 
     def mine(self, record: LogRecord) -> MinedLine:
-        """Assign ``record`` to a template, creating or widening one when needed."""
+        """Assign ``record`` to a template, creating or widening one when needed.
+
+        A record with an ``event`` id takes that id as its template, without mining.
+        """
+        if record.event:
+            return self._known_event(record)
         result = self._miner.add_log_message(record.line)
         template = str(result["template_mined"])
         return MinedLine(
@@ -141,6 +159,47 @@ class LogTemplateMiner:
             is_new=result["change_type"] == "cluster_created",
         )
 
+    def _known_event(self, record: LogRecord) -> MinedLine:
+        template = f"event {record.event}"
+        cluster_id = self.events.get(record.event)
+        is_new = cluster_id is None
+        if cluster_id is None:
+            if self.max_templates is not None and len(self.events) >= self.max_templates:
+                self.events_dropped += 1
+                cluster_id = 0
+            else:
+                cluster_id = self.events[record.event] = -1 - len(self.events)
+                self._save_events()
+        return MinedLine(
+            record=record,
+            cluster_id=cluster_id,
+            template=template,
+            bucket=template_bucket(template, self.n_buckets),
+            is_new=is_new,
+        )
+
+    def _load_events(self) -> dict[str, int]:
+        if self._events_path is None or not self._events_path.is_file():
+            return {}
+        try:
+            loaded = json.loads(self._events_path.read_text(encoding="utf-8"))
+            events = {str(event): int(cluster) for event, cluster in loaded.items()}
+        except (ValueError, AttributeError) as err:
+            msg = (
+                f"event id file {self._events_path} is not a JSON object of event ids; "
+                "delete it to start the event ids afresh"
+            )
+            raise ValueError(msg) from err
+        return events
+
+    def _save_events(self) -> None:
+        if self._events_path is None:
+            return
+        self._events_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self._events_path.with_name(self._events_path.name + ".tmp")
+        temporary.write_text(json.dumps(self.events), encoding="utf-8")
+        os.replace(temporary, self._events_path)
+
     def mine_all(self, records: Iterable[LogRecord]) -> list[MinedLine]:
         return [self.mine(record) for record in records]
 
@@ -148,6 +207,8 @@ class LogTemplateMiner:
         """Write the state now (drain3 already saves whenever a template changes)."""
         if self._persistence is not None:
             self._miner.save_state("explicit save")
+        if self.events:
+            self._save_events()
 
 
 def feature_names(n_buckets: int) -> list[str]:
@@ -199,17 +260,21 @@ class LogWindow:
 class LogWindower:
     """Tumbling event-time windows per source.
 
-    A window closes when a line of the same source falls at or after its end, or when it
-    reaches ``max_lines``. Lines that arrive late for a window that already closed join the
-    source's current window, and ``late_lines`` counts them. ``flush`` closes every open window.
+    A window closes when a line of the same source falls at or after its end, when it
+    reaches ``max_lines``, or with a line whose event is ``end_event`` (the end of a session).
+    Lines that arrive late for a window that already closed join the source's current window,
+    and ``late_lines`` counts them. ``flush`` closes every open window.
     """
 
-    def __init__(self, window_s: float, *, max_lines: int = 10_000) -> None:
+    def __init__(
+        self, window_s: float, *, max_lines: int = 10_000, end_event: str | None = None
+    ) -> None:
         if window_s <= 0 or max_lines < 1:
             msg = f"window_s must be > 0 and max_lines >= 1, got {window_s!r}, {max_lines!r}"
             raise ValueError(msg)
         self.window_s = window_s
         self.max_lines = max_lines
+        self.end_event = end_event
         self.late_lines = 0
         self._open: dict[str, LogWindow] = {}
 
@@ -227,7 +292,8 @@ class LogWindower:
         elif start < current.start:
             self.late_lines += 1
         current.lines.append(line)
-        if len(current.lines) >= self.max_lines:
+        ends_session = self.end_event is not None and line.record.event == self.end_event
+        if ends_session or len(current.lines) >= self.max_lines:
             closed.append(self._open.pop(source))
         return closed
 
@@ -265,6 +331,8 @@ class LogFeaturizer:
         Length of the tumbling event-time windows, in seconds. > 0.
     max_lines
         A window closes early once it contains this many lines. >= 1.
+    end_event
+        A line with this event id closes its source's window (see ``LogWindower``), or None.
     """
 
     def __init__(
@@ -274,12 +342,13 @@ class LogFeaturizer:
         n_buckets: int = 64,
         window_s: float = 60.0,
         max_lines: int = 10_000,
+        end_event: str | None = None,
     ) -> None:
         self.n_buckets = n_buckets
         self.window_s = window_s
         self.max_lines = max_lines
         self.miner = LogTemplateMiner(state_path, n_buckets=n_buckets)
-        self.windower = LogWindower(window_s, max_lines=max_lines)
+        self.windower = LogWindower(window_s, max_lines=max_lines, end_event=end_event)
 
     @property
     def n_features(self) -> int:

@@ -29,22 +29,34 @@ class LogRecord:
 
     ``ts`` is the event time in Unix seconds, ``line`` the message text without the label and
     without the header fields parsed into ``ts`` and ``source``, and ``level`` the log level
-    (empty when the format has none).
+    (empty when the format has none). ``event`` is the event id of a shipper that parses its
+    logs itself (structured logging, or DeepLog's log keys); such a record skips template
+    mining and the event id is its template. Empty for raw lines.
     """
 
     ts: float
     source: str
     line: str
     level: str = ""
+    event: str = ""
 
     def to_body(self, index: int) -> dict[str, Any]:
         """Return the body of a ``log`` record; ``index`` joins it to its label record."""
-        return {"source": self.source, "line": self.line, "level": self.level, "index": index}
+        body = {"source": self.source, "line": self.line, "level": self.level, "index": index}
+        if self.event:
+            body["event"] = self.event
+        return body
 
     @classmethod
     def from_body(cls, body: dict[str, Any], ts: float) -> LogRecord:
         """Rebuild a record from a decoded ``log`` body and the envelope's event time."""
-        return cls(ts=ts, source=body["source"], line=body["line"], level=body.get("level") or "")
+        return cls(
+            ts=ts,
+            source=body["source"],
+            line=body["line"],
+            level=body.get("level") or "",
+            event=body.get("event") or "",
+        )
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,57 @@ def split_sessions(
     normal = [s for s in sessions if s.label == 0]
     cut = int(len(normal) * train_share)
     return normal[:cut], normal[cut:] + [s for s in sessions if s.label == 1]
+
+
+END_EVENT = "end"
+
+
+def interleave_sessions(
+    sessions: Sequence[Session],
+    *,
+    concurrency: int,
+    seed: int,
+    name: str = "hdfs_sessions",
+    first_block: int = 0,
+) -> LogDataset:
+    """Turn block sessions into one log stream in which ``concurrency`` blocks are live at once.
+
+    HDFS writes the lines of many blocks at the same time. Here the sessions open in the given
+    order, at most ``concurrency`` of them are open, and each next line comes from an open
+    session drawn at random (seeded), so the lines of a block stay in order but interleave
+    with other blocks. A record's source is its block (``blk_<n>``, ``n`` counted from
+    ``first_block``), its ``event`` the DeepLog log key, and one last record with event
+    ``end`` closes each session, as a shipper that sees a block's deletion can send. Every
+    line carries its session's label. Time stamps are the line's position in seconds.
+    """
+    if concurrency < 1:
+        msg = f"concurrency must be >= 1, got {concurrency!r}"
+        raise ValueError(msg)
+    rng = np.random.default_rng(seed)
+    records: list[LogRecord] = []
+    labels: list[int] = []
+    waiting = list(enumerate(sessions))[::-1]
+    live: list[tuple[int, list[str]]] = []
+    while waiting or live:
+        while waiting and len(live) < concurrency:
+            number, session = waiting.pop()
+            live.append((number, [str(key) for key in session.keys] + [END_EVENT]))
+        pick = int(rng.integers(len(live)))
+        number, events = live[pick]
+        event = events.pop(0)
+        records.append(
+            LogRecord(
+                ts=float(len(records)),
+                source=f"blk_{first_block + number}",
+                line="",
+                event=event,
+            )
+        )
+        labels.append(sessions[number].label)
+        if not events:
+            live.pop(pick)
+    categories = [str(label) for label in labels]
+    return LogDataset(name, records, np.array(labels, dtype=np.int8), categories)
 
 
 def fixed_rate_offsets(n: int, events_per_s: float) -> np.ndarray:

@@ -266,6 +266,7 @@ def _log(body: dict[str, Any]) -> None:
     _need(body, "line", _bounded_string(MAX_LOG_LINE_CHARS))
     _maybe(body, "level", _bounded_string(MAX_NAME_CHARS))
     _maybe(body, "index", _non_negative_int)
+    _maybe(body, "event", _bounded_string(MAX_NAME_CHARS))
 
 
 def _span(body: dict[str, Any]) -> None:

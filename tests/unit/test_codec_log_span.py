@@ -59,6 +59,7 @@ def test_span_roundtrip_with_status() -> None:
         (log_body(line="x" * (MAX_LOG_LINE_CHARS + 1)), "above the limit"),
         (log_body(index=-1), "'index' must be >= 0"),
         (log_body(level=3), "'level' must be a string"),
+        (log_body(event=5), "'event' must be a string"),
         ({"line": "no source"}, "'source' is missing"),
     ],
 )
@@ -91,6 +92,16 @@ def test_log_record_travels_through_codec() -> None:
     record = LogRecord(ts=12.5, source="node-1", line="KERNEL INFO ok", level="INFO")
     envelope = decode(encode("log", record.to_body(3), src="replay", ts=record.ts))
     assert envelope.body["index"] == 3
+    assert LogRecord.from_body(envelope.body, envelope.ts) == record
+
+
+def test_parsed_log_record_keeps_its_event_id() -> None:
+    """A record with a shipper's event id decodes with that id; one without has none."""
+    record = LogRecord(ts=1.0, source="blk_7", line="", event="22")
+    body = record.to_body(0)
+    assert body["event"] == "22"
+    assert "event" not in LogRecord(ts=1.0, source="n", line="x").to_body(0)
+    envelope = decode(encode("log", body, src="replay", ts=record.ts))
     assert LogRecord.from_body(envelope.body, envelope.ts) == record
 
 
