@@ -358,6 +358,9 @@ class ModalityEdgeClient(ServiceLifecycle):
         await self.updates.send(
             trained, round_id=round_id, base_version=self.global_version, train_loss=loss
         )
+        # NOTE: unlike EdgeClient, this client keeps no edge.json, so a kill between this send
+        # and the next checkpoint can send this round's update again after a restart.
+        # The aggregator then rejects the second copy as a duplicate or a stale update.
         self.last_update_round = round_id
         self.counters.updates_sent += 1
         self._log.info(
@@ -424,7 +427,7 @@ class ModalityEdgeClient(ServiceLifecycle):
         if isinstance(self.pipeline, LogsPipeline):
             self._save_templates()
         elif self._traces_state.exists():
-            # The checkpoint now contains the open traces that the file was loaded with.
+            # The checkpoint contains the open traces the file was loaded with, or newer ones.
             self._traces_state.unlink()
             self._log.info("trace_state_file_removed", path=str(self._traces_state))
 
