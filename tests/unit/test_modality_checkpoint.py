@@ -63,7 +63,12 @@ def _logs_config(model: str, **edge: object) -> AppConfig:
         {
             "model": {"seed": 3},
             "edge": {**EDGE, "window_events": 60 if model == "mlp" else 150, **edge},
-            "logs": {"n_buckets": 8, "window_s": 5.0, "model": {**LOG_MODELS[model], "seed": 3}},
+            "logs": {
+                "n_buckets": 8,
+                "window_s": 5.0,
+                "max_sources": 3,
+                "model": {**LOG_MODELS[model], "seed": 3},
+            },
         }
     )
     return modality_config(config, "logs")
@@ -83,7 +88,11 @@ def _traces_config(model: str, **traces: object) -> AppConfig:
 
 
 def _log_lines(n: int) -> list[Incoming]:
-    """Return log lines of three sources; new message shapes appear all along the stream."""
+    """Return log lines of four sources; new message shapes appear all along the stream.
+
+    Every fifth line carries a shipper's event id instead of being mined, and the fourth
+    source is rare, so that with ``max_sources`` 3 it pushes other sources' windows out.
+    """
     rng = np.random.default_rng(11)
     shapes = [
         "request {a} served in {b} ms",
@@ -105,7 +114,10 @@ def _log_lines(n: int) -> list[Incoming]:
         if 1200 <= i < 1260:
             line = f"kernel panic on cpu {i % 4}"  # an anomalous burst after the split
         level = "ERROR" if "failed" in line or "FAILED" in line or "panic" in line else "INFO"
-        record = LogRecord(ts=1000.0 + 0.5 * i, source=f"node-{i % 3}", line=line, level=level)
+        shipped = i % 5 == 4 and not 1200 <= i < 1260
+        event = f"E{int(rng.integers(0, 1 + i // 300))}" if shipped else ""
+        source = "node-3" if i % 50 == 0 else f"node-{i % 3}"
+        record = LogRecord(1000.0 + 0.5 * i, source, line, level, event)
         items.append(Incoming(record, i, i % 2, i // 2))
     return items
 
@@ -230,10 +242,14 @@ def test_logs_restore_continues_bitwise(tmp_path: Path, model: str) -> None:
     after = _run(restored, batches[split:]) + restored.flush()
 
     _assert_same_outputs(unbroken, before + after)
+    assert restored.featurizer.miner.events == unbroken_pipeline.featurizer.miner.events
+    assert len(restored.featurizer.miner.events) > 1
+    assert restored.sources_dropped == unbroken_pipeline.sources_dropped
     assert _trained(after) >= 2
     scores_after = [s for s in after if isinstance(s, Scored)]
-    assert np.isfinite(scores_after[0].threshold)
-    assert any(s.alert for s in scores_after)
+    frequent = next(s for s in scores_after if s.key != "node-3")
+    assert np.isfinite(frequent.threshold)  # warmed up before the split
+    assert any(s.alert for s in before + after if isinstance(s, Scored))
     # Lines after the split create templates, so drain3's restored state decides their ids.
     assert restored.featurizer.miner.template_count > templates_at_split
 
@@ -309,6 +325,7 @@ def test_fingerprint_covers_modality_settings() -> None:
                 "logs": {
                     "n_buckets": 8,
                     "window_s": 5.0,
+                    "max_sources": 3,
                     "state_dir": "elsewhere",
                     "model": {**LOG_MODELS["lstm"], "seed": 3},
                 },
@@ -386,10 +403,12 @@ async def test_client_restores_checkpoint_and_templates(tmp_path: Path) -> None:
     positions = {TopicPartition(topic, 0): 300, TopicPartition(topic, 1): 300}
     await _write_from(first, positions)
     templates = first.pipeline.featurizer.miner.template_count
+    events = dict(first.pipeline.featurizer.miner.events)
     _run(first.pipeline, _batches(lines[600:]))  # mined after the checkpoint: a crash follows
     drain3_file = tmp_path / "logs" / SITE / "drain3.json"
-    ahead = LogTemplateMiner(drain3_file, n_buckets=config.logs.n_buckets).template_count
-    assert ahead > templates
+    ahead = LogTemplateMiner(drain3_file, n_buckets=config.logs.n_buckets)
+    assert ahead.template_count > templates
+    assert len(ahead.events) > len(events)
 
     second = _client(config, tmp_path, "logs")
     with structlog.testing.capture_logs() as logs:
@@ -399,8 +418,10 @@ async def test_client_restores_checkpoint_and_templates(tmp_path: Path) -> None:
     assert second.checkpoints.restored is not None
     assert isinstance(second.pipeline, LogsPipeline)
     assert second.pipeline.featurizer.miner.template_count == templates
-    on_disk = LogTemplateMiner(drain3_file, n_buckets=config.logs.n_buckets).template_count
-    assert on_disk == templates
+    assert second.pipeline.featurizer.miner.events == events
+    on_disk = LogTemplateMiner(drain3_file, n_buckets=config.logs.n_buckets)
+    assert on_disk.template_count == templates
+    assert on_disk.events == events
     assert second.pipeline.contexts.keys() == first.pipeline.contexts.keys()
     second.checkpoints.release()
 
