@@ -414,8 +414,8 @@ class ModalityEdgeClient(ServiceLifecycle):
     async def _write_checkpoint(self) -> None:
         """Write the checkpoint; the caller holds the state lock, so nothing changes meanwhile.
 
-        drain3 saves its file whenever a template changes, so it runs ahead of the last
-        checkpoint between two of them. Saving it here makes the two agree again.
+        The template files are saved whenever a template or event id is added, so they run
+        ahead of the last checkpoint between two of them. Saving them here makes them agree.
         """
         written = await self.checkpoints.write(
             global_version=self.global_version,
@@ -428,7 +428,13 @@ class ModalityEdgeClient(ServiceLifecycle):
             self._save_templates()
         elif self._traces_state.exists():
             # The checkpoint contains the open traces the file was loaded with, or newer ones.
-            self._traces_state.unlink()
+            try:
+                self._traces_state.unlink()
+            except OSError as err:
+                self._log.error(
+                    "trace_state_file_remove_failed", path=str(self._traces_state), error=str(err)
+                )
+                return
             self._log.info("trace_state_file_removed", path=str(self._traces_state))
 
     def _save_templates(self) -> None:
