@@ -168,6 +168,7 @@ class EdgeSettings(_Section):
     max_batch_records: int = Field(default=500, ge=1, le=100_000)
     # Folder of each site's local state (<state_dir>/<site>/): edge.json records the last round
     # the site sent an update for, checkpoint.bin the scoring state and the offsets it covers.
+    # The logs and traces clients keep their checkpoint in <state_dir>/<site>/<modality>/.
     # It must be writable by the service user only, because the checkpoint is a pickle.
     # None keeps no state, so a restarted client warms up again.
     state_dir: Path | None = None
@@ -299,7 +300,9 @@ class LogsSettings(_Section):
     # holds one session, such as an HDFS block. The MLP then scores each session's count
     # vector, standardized by one scaler of the site, against one threshold of the site.
     session_end_event: str | None = Field(default=None, min_length=1)
-    # Each site keeps its drain3 state in <state_dir>/<site>/drain3.json.
+    # Each logs site keeps its drain3 state in <state_dir>/<site>/drain3.json. A traces site
+    # keeps its open traces in <state_dir>/<site>/traces.msgpack unless edge.state_dir is set,
+    # because the checkpoint there contains them.
     state_dir: Path = Path("state")
 
 

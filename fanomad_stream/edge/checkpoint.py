@@ -1,11 +1,12 @@
 """A local checkpoint of an edge client's scoring state and of the offsets that state covers.
 
-The file ``<state_dir>/<site>/checkpoint.bin`` is one JSON header line followed by a pickle of
-``EdgePipeline.snapshot()``. The header carries the format version, the site, the fingerprint
-of the settings the state was built with, and the SHA-256 of the pickle. It also carries the
-global model version, the last update round, and the next offset to read of every partition
-whose records the state has folded in. A file from another format, site or configuration is rejected before the
-pickle is read.
+The file ``checkpoint.bin`` in a site's state folder is one JSON header line followed by a
+pickle of the pipeline's ``snapshot()`` (``EdgePipeline``, ``LogsPipeline`` or
+``TracesPipeline``). The header carries the format version, the site, the fingerprint of the
+settings the state was built with, and the SHA-256 of the pickle. It also carries the global
+model version, the last update round, and the next offset to read of every partition whose
+records the state has folded in. A file from another format, site or configuration is
+rejected before the pickle is read.
 
 Pickle runs code while it loads, so the checkpoint is trusted local state: the reader rejects a
 file or folder that another user owns or that the group or others may write. Files are written
@@ -27,7 +28,7 @@ from typing import IO, Any
 
 from aiokafka import TopicPartition
 
-from fanomad_stream.config import AppConfig
+from fanomad_stream.config import AppConfig, ModalityName
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.bin"
@@ -65,22 +66,31 @@ class EdgeCheckpoint:
     global_version: int
     last_update_round: int
     offsets: dict[TopicPartition, int]  # next offset to read, per partition the state covers
-    pipeline: dict[str, Any]  # EdgePipeline.snapshot()
+    pipeline: dict[str, Any]  # the pipeline's snapshot()
     written_at: float
 
 
-def state_fingerprint(config: AppConfig) -> str:
+def state_fingerprint(config: AppConfig, modality: ModalityName = "metrics") -> str:
     """Return a SHA-256 over the settings that shape the scoring state, and the model name.
 
     Two configurations with the same fingerprint build pipelines whose state can replace each
-    other's. Settings of how the client polls, stores and stops are left out.
+    other's. Settings of how the client polls, stores and stops are left out. For ``logs``
+    and ``traces``, ``config`` is the modality's view (``modalities.modality_config``), and
+    the fingerprint also covers the modality and its section (drain3 buckets and windows, or
+    the trace assembly limits). For ``metrics`` it hashes the same fields as before the
+    modalities had checkpoints.
     """
-    described = {
+    described: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "model_name": config.aggregator.model_name,
         "model": config.model.model_dump(mode="json"),
         "edge": config.edge.model_dump(mode="json", exclude=set(_OPERATIONAL_EDGE_FIELDS)),
     }
+    if modality == "logs":
+        # The model section is config.model already; the drain3 folder is not state.
+        described["logs"] = config.logs.model_dump(mode="json", exclude={"model", "state_dir"})
+    elif modality == "traces":
+        described["traces"] = config.traces.model_dump(mode="json", exclude={"model"})
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
@@ -134,7 +144,7 @@ def read_checkpoint(path: Path, *, site: str, fingerprint: str) -> EdgeCheckpoin
         if header.get("fingerprint") != fingerprint:
             raise CheckpointRejectedError(
                 "config",
-                f"checkpoint {path} was written with other model or edge settings "
+                f"checkpoint {path} was written with other model, edge or modality settings "
                 f"(fingerprint {str(header.get('fingerprint'))[:12]}, now {fingerprint[:12]})",
             )
         payload = handle.read()

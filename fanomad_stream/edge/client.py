@@ -17,32 +17,19 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Collection
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import structlog
-from aiokafka import (
-    AIOKafkaConsumer,
-    AIOKafkaProducer,
-    ConsumerRebalanceListener,
-    ConsumerRecord,
-    TopicPartition,
-)
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError
 
 from fanomad_stream.config import AppConfig
-from fanomad_stream.edge.checkpoint import (
-    CHECKPOINT_FILE,
-    CheckpointLock,
-    CheckpointRejectedError,
-    EdgeCheckpoint,
-    read_checkpoint,
-    state_fingerprint,
-    write_checkpoint,
-)
+from fanomad_stream.edge.checkpoint import EdgeCheckpoint, state_fingerprint
+from fanomad_stream.edge.checkpoint_manager import CheckpointManager, offsets_for_log
 from fanomad_stream.edge.pipeline import BatchResult, EdgePipeline
 from fanomad_stream.edge.site_state import SiteState, read_site_state, write_site_state
 from fanomad_stream.edge.updates import UpdateSender
@@ -116,17 +103,14 @@ class EdgeClient(ServiceLifecycle):
         self._dead: DeadLetters | None = None
         self._log = log.bind(client_id=site)
         self.updates = UpdateSender(config, site, self.metrics, self._log)
-        # Next offset to read of every partition whose records the pipeline state has folded in.
-        self.positions: dict[TopicPartition, int] = {}
-        # Held while the pipeline state or ``positions`` change, so that a rebalance and a
-        # checkpoint never see half a batch or half a training window.
-        self._state_lock = asyncio.Lock()
-        # False while the pipeline contains records or training that ``positions`` do not cover.
-        self._state_in_sync = True
-        self._state_changed = False
-        self._checkpointed_at = time.monotonic()
-        self._checkpoint_lock: CheckpointLock | None = None
-        self.restored_checkpoint: EdgeCheckpoint | None = None
+        self.checkpoints = CheckpointManager(
+            folder=self._site_folder(),
+            site=site,
+            fingerprint=state_fingerprint(config),
+            topic=self._metrics_topic,
+            edge=config.edge,
+            logger=self._log,
+        )
 
     async def start(self) -> None:
         assert self._producer is None, "EdgeClient.start() called twice"
@@ -140,14 +124,15 @@ class EdgeClient(ServiceLifecycle):
         group = f"{self.config.edge.group_prefix}-{self.site}"
         self._consumer = make_consumer(self._kafka, group_id=group)
         await self._consumer.start()
-        self._consumer.subscribe([self._metrics_topic], listener=_RebalanceListener(self))
+        self.checkpoints.consumer = self._consumer
+        self._consumer.subscribe([self._metrics_topic], listener=self.checkpoints.listener())
         self._log.info(
             "edge_started",
             group=group,
             sources=sorted(self.sources.values()),
             last_update_round=self.last_update_round,
             global_version=self.global_version,
-            checkpoint_restored=self.restored_checkpoint is not None,
+            checkpoint_restored=self.checkpoints.restored is not None,
         )
 
     async def stop(self) -> None:
@@ -158,10 +143,11 @@ class EdgeClient(ServiceLifecycle):
         that times out is left to the process exit.
         """
         self._stopping.set()
-        await self._checkpoint_on_stop()
+        await self.checkpoints.write_on_stop(self._write_checkpoint)
         if self._consumer is not None:
             await self._close("consumer", self._consumer.stop())
             self._consumer = None
+            self.checkpoints.consumer = None
         await self._close("secagg", self.updates.stop())
         await self._close("global_model_reader", self._global.stop())
         if self._producer is not None:
@@ -170,9 +156,7 @@ class EdgeClient(ServiceLifecycle):
             self._log.info(
                 "edge_stopped", scored=self.counters.scored, updates=self.counters.updates_sent
             )
-        if self._checkpoint_lock is not None:
-            self._checkpoint_lock.release()
-            self._checkpoint_lock = None
+        self.checkpoints.release()
 
     async def _close(self, name: str, closing: Awaitable[None]) -> None:
         timeout_s = self.config.edge.stop_timeout_s
@@ -227,16 +211,16 @@ class EdgeClient(ServiceLifecycle):
     async def step(self) -> int:
         """Handle one poll: returns the number of records consumed."""
         assert self._consumer is not None
-        async with self._state_lock:
+        async with self.checkpoints.state_lock:
             await self._refresh_global()
         batches = await self._consumer.getmany(
             timeout_ms=self.config.edge.poll_timeout_ms,
             max_records=self.config.edge.max_batch_records,
         )
         consumed = sum(len(records) for records in batches.values())
-        async with self._state_lock:
+        async with self.checkpoints.state_lock:
             committed = consumed > 0 and await self._handle_batch(batches)
-            if committed and self._checkpoint_due():
+            if committed and self.checkpoints.due():
                 await self._write_checkpoint()
             await self.updates.poll()
             if self.pipeline.window_ready() and self._may_train():
@@ -250,42 +234,14 @@ class EdgeClient(ServiceLifecycle):
 
     async def _handle_batch(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> bool:
         """Score and publish a batch, then commit its offsets; return True if the commit worked."""
-        self._state_in_sync = False
-        rows = await self._decode(batches)
-        deliveries = await self._score_and_publish(rows)
-        await asyncio.gather(*deliveries)
+        with self.checkpoints.changing():
+            rows = await self._decode(batches)
+            deliveries = await self._score_and_publish(rows)
+            await asyncio.gather(*deliveries)
 
-        # At-least-once: offsets move only after every score, alert and dead letter is acked.
-        for tp, records in batches.items():
-            if records:
-                self.positions[tp] = records[-1].offset + 1
-        self._state_in_sync = True
-        self._state_changed = True
-        return await self._commit(batches)
-
-    async def _commit(self, partitions: Collection[TopicPartition]) -> bool:
-        """Commit ``positions`` of the given partitions that are still assigned.
-
-        A rebalance can take partitions away between the poll and the commit. The commit then
-        fails, the new owner reads those records again, and this client goes on.
-        """
-        assert self._consumer is not None
-        assigned = self._consumer.assignment()
-        offsets = {
-            tp: self.positions[tp] for tp in partitions if tp in assigned and tp in self.positions
-        }
-        if not offsets:
-            return False
-        try:
-            await self._consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError) as err:
-            self._log.warning(
-                "commit_failed",
-                error=str(err),
-                partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in offsets),
-            )
-            return False
-        return True
+            # At-least-once: offsets move only after every score, alert and dead letter is acked.
+            self.checkpoints.advance(batches)
+        return await self.checkpoints.commit(batches)
 
     def _may_train(self) -> bool:
         if not self.updates.may_train(self.global_version, self.last_update_round):
@@ -299,16 +255,14 @@ class EdgeClient(ServiceLifecycle):
         return self.global_version > self.last_update_round
 
     async def _refresh_global(self) -> None:
-        newer = await self._global.poll(timeout_ms=0)
-        latest = self._global.latest
-        if newer is None and latest is not None and latest.version > self.global_version:
-            newer = latest  # read ahead by catch_up() at start and not loaded yet
-        if newer is None or newer.version <= self.global_version:
-            # A restored checkpoint already contains this version, possibly trained further.
+        # A restored checkpoint already contains the versions up to its own, possibly trained
+        # further, so only a newer version replaces the weights.
+        newer = await self._global.poll_newer_than(self.global_version)
+        if newer is None:
             return
         self.pipeline.detector.load_weights(newer.weights)
         self.global_version = newer.version
-        self._state_changed = True
+        self.checkpoints.changed = True
         self._log.info(
             "global_model_loaded",
             version=newer.version,
@@ -413,10 +367,8 @@ class EdgeClient(ServiceLifecycle):
         round_id = self.global_version
         # Training runs in a worker thread that a cancelled step does not stop, so the state
         # counts as out of sync until the thread has returned here.
-        self._state_in_sync = False
-        trained = await self.updates.train(self.pipeline, round_id=round_id)
-        self._state_in_sync = True
-        self._state_changed = True
+        with self.checkpoints.changing():
+            trained = await self.updates.train(self.pipeline, round_id=round_id)
         if trained is None:
             return
         if self.updates.secagg is None:
@@ -476,7 +428,7 @@ class EdgeClient(ServiceLifecycle):
         """
         site_state = self._read_site_state()
         self.last_update_round = site_state.last_update_round
-        checkpoint = self._read_checkpoint()
+        checkpoint = self.checkpoints.read()
         if checkpoint is not None:
             self.last_update_round = max(self.last_update_round, checkpoint.last_update_round)
         pending = site_state.sending_round
@@ -496,13 +448,7 @@ class EdgeClient(ServiceLifecycle):
                     newest_version=newest,
                 )
                 self.last_update_round = -1
-            if checkpoint is not None and newest < checkpoint_version:
-                self._log.warning(
-                    "edge_checkpoint_rejected",
-                    reason="lineage",
-                    checkpoint_version=checkpoint_version,
-                    newest_version=newest,
-                )
+            if checkpoint is not None and not self.checkpoints.lineage_fits(checkpoint, newest):
                 checkpoint = None
 
         if checkpoint is not None and not self._restore(checkpoint):
@@ -510,76 +456,18 @@ class EdgeClient(ServiceLifecycle):
         if checkpoint is None:
             self._log.info("edge_warmup_started", **self._warmup_description())
 
-    def _read_checkpoint(self) -> EdgeCheckpoint | None:
-        folder = self._site_folder()
-        if folder is None:
-            return None
-        lock = CheckpointLock(folder)
-        try:
-            acquired = lock.acquire()
-        except OSError as err:
-            self._log.error(
-                "edge_checkpoint_unusable",
-                lock=str(lock.path),
-                error=str(err),
-                detail="edge.state_dir cannot hold the lock file; this process keeps no checkpoint",
-            )
-            return None
-        if not acquired:
-            self._log.warning(
-                "edge_checkpoint_locked",
-                lock=str(lock.path),
-                detail="another process of this site uses the checkpoint; this one keeps none",
-            )
-            return None
-        self._checkpoint_lock = lock
-        path = folder / CHECKPOINT_FILE
-        try:
-            checkpoint = read_checkpoint(
-                path, site=self.site, fingerprint=state_fingerprint(self.config)
-            )
-        except FileNotFoundError:
-            return None
-        except (CheckpointRejectedError, OSError) as err:
-            reason = err.reason if isinstance(err, CheckpointRejectedError) else "unreadable"
-            self._log.warning(
-                "edge_checkpoint_rejected", reason=reason, path=str(path), error=str(err)
-            )
-            return None
-        other_topics = sorted({tp.topic for tp in checkpoint.offsets} - {self._metrics_topic})
-        if other_topics:
-            self._log.warning(
-                "edge_checkpoint_rejected",
-                reason="topic",
-                path=str(path),
-                error=f"checkpoint covers topics {other_topics}, this client reads "
-                f"{self._metrics_topic!r}",
-            )
-            return None
-        return checkpoint
-
     def _restore(self, checkpoint: EdgeCheckpoint) -> bool:
         """Load the checkpoint; return False, with the pipeline unchanged, when it does not fit."""
-        try:
-            self.pipeline.restore(checkpoint.pipeline)
-        except (KeyError, TypeError, ValueError) as err:
-            self._log.warning(
-                "edge_checkpoint_rejected",
-                reason="state",
-                error=f"{type(err).__name__}: {err}",
-                detail="the saved pipeline state does not fit this release; warming up instead",
-            )
+        if not self.checkpoints.restore(checkpoint, self.pipeline.restore):
             return False
         self.global_version = checkpoint.global_version
-        self.positions = dict(checkpoint.offsets)
-        self.restored_checkpoint = checkpoint
         self._log.info(
             "edge_checkpoint_restored",
             age_s=round(time.time() - checkpoint.written_at, 3),
             global_version=checkpoint.global_version,
             last_update_round=self.last_update_round,
             rows_seen={name: state.seen for name, state in self.pipeline.sources.items()},
-            offsets=_offsets_for_log(self.positions),
+            offsets=offsets_for_log(checkpoint.offsets),
         )
         return True
 
@@ -610,99 +498,13 @@ class EdgeClient(ServiceLifecycle):
         self._log.info("update_send_checked", round=round_id, found=found)
         return found
 
-    def _checkpoint_due(self) -> bool:
-        return (
-            self._checkpoint_lock is not None
-            and self._state_in_sync
-            and self._state_changed
-            and time.monotonic() - self._checkpointed_at >= self.config.edge.checkpoint_interval_s
-        )
-
     async def _write_checkpoint(self) -> None:
-        """Write the checkpoint. The caller has acquired ``_state_lock``, so nothing changes meanwhile."""
-        folder = self._site_folder()
-        assert folder is not None and self._checkpoint_lock is not None
-        checkpoint = EdgeCheckpoint(
-            site=self.site,
-            fingerprint=state_fingerprint(self.config),
+        """Write the checkpoint; the caller holds the state lock, so nothing changes meanwhile."""
+        await self.checkpoints.write(
             global_version=self.global_version,
             last_update_round=self.last_update_round,
-            offsets=dict(self.positions),
-            pipeline=self.pipeline.snapshot(),
-            written_at=time.time(),
+            state=self.pipeline.snapshot(),
         )
-        started = time.perf_counter()
-        try:
-            size = await asyncio.to_thread(write_checkpoint, folder / CHECKPOINT_FILE, checkpoint)
-        except OSError as err:
-            self._log.error("edge_checkpoint_write_failed", path=str(folder), error=str(err))
-            return
-        self._checkpointed_at = time.monotonic()
-        self._state_changed = False
-        self._log.info(
-            "edge_checkpoint_written",
-            bytes=size,
-            seconds=round(time.perf_counter() - started, 3),
-            global_version=self.global_version,
-            offsets=_offsets_for_log(checkpoint.offsets),
-        )
-
-    async def _checkpoint_on_stop(self) -> None:
-        if self._checkpoint_lock is None:
-            return
-        timeout_s = self.config.edge.stop_timeout_s
-        try:
-            await asyncio.wait_for(self._state_lock.acquire(), timeout_s)
-        except TimeoutError:
-            self._log.error("edge_checkpoint_skipped", reason="state_busy", timeout_s=timeout_s)
-            return
-        try:
-            if not self._state_in_sync:
-                # A cancelled step left records or training that ``positions`` do not cover.
-                self._log.warning("edge_checkpoint_skipped", reason="batch_abandoned")
-            elif self._state_changed:
-                await self._write_checkpoint()
-        finally:
-            self._state_lock.release()
-
-    async def _on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        # Waiting for the lock lets the batch in progress finish. Its offsets are then committed
-        # while this process is still a member of the generation that owns them.
-        async with self._state_lock:
-            if revoked and self._consumer is not None:
-                await self._commit(revoked)
-        self._log.info("partitions_revoked", partitions=_offsets_for_log(dict.fromkeys(revoked, 0)))
-
-    def _on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        """Seek every assigned partition the state has read to the state's next offset."""
-        assert self._consumer is not None
-        resumed: dict[TopicPartition, int] = {}
-        for tp in assigned:
-            offset = self.positions.get(tp)
-            if offset is not None:
-                self._consumer.seek(tp, offset)
-                resumed[tp] = offset
-        committed = sorted(f"{tp.topic}:{tp.partition}" for tp in assigned if tp not in resumed)
-        self._log.info(
-            "partitions_assigned",
-            resumed=_offsets_for_log(resumed),
-            from_committed=committed,
-        )
-
-
-class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, client: EdgeClient) -> None:
-        self._client = client
-
-    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        await self._client._on_partitions_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        self._client._on_partitions_assigned(assigned)
-
-
-def _offsets_for_log(offsets: dict[TopicPartition, int]) -> dict[str, int]:
-    return {f"{tp.topic}:{tp.partition}": offset for tp, offset in sorted(offsets.items())}
 
 
 def _finite_or_max(value: float) -> float:

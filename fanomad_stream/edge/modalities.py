@@ -5,15 +5,17 @@ item per scored unit: a log line (sequence models) or a closed per-source window
 logs, a closed trace for traces. It keeps the site's training data, and ``train_window``
 trains the shared detector on it and returns the weight delta for the federation, the same
 contract as ``EdgePipeline.train_window``. ``training_records`` returns the same data as one
-array of equal-shaped records, the input of DP-SGD.
+array of equal-shaped records, the input of DP-SGD. ``snapshot`` and ``restore`` carry the
+whole scoring and training state across a restart (see ``edge.checkpoint``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from fanomad_stream.detect.sequence import (
 )
 from fanomad_stream.featurize.logs import (
     LogFeaturizer,
+    LogWindower,
     LogWindowFeatures,
     MinedLine,
     line_vectors,
@@ -39,8 +42,10 @@ from fanomad_stream.featurize.trace_assembly import (
     Trace,
     TraceAssembler,
 )
-from fanomad_stream.featurize.traces import TraceFeaturizer
+from fanomad_stream.featurize.traces import OperationBaseline, TraceFeaturizer
 from fanomad_stream.replay.logs import LogRecord
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,44 @@ class _Scoring:
             msg = "the training window is empty; call training_records only when window_ready()"
             raise ValueError(msg)
         return max(groups, key=lambda group: (group.shape[0], group.shape[1]))
+
+    def _scoring_snapshot(self) -> dict[str, Any]:
+        # The detector carries its weights and the generator that shuffles training batches.
+        return {
+            "detector": self.detector,
+            "thresholds": self.thresholds,
+            "events_since_training": self.events_since_training,
+        }
+
+    def _checked_scoring(self, state: Mapping[str, Any]) -> _ScoringState:
+        return _ScoringState(
+            detector=_state_item(state, "detector", type(self.detector)),
+            thresholds=_state_item(state, "thresholds", dict),
+            events_since_training=int(state["events_since_training"]),
+        )
+
+    def _apply_scoring(self, scoring: _ScoringState) -> None:
+        self.detector = scoring.detector
+        self.thresholds = scoring.thresholds
+        self.events_since_training = scoring.events_since_training
+
+
+@dataclass
+class _ScoringState:
+    """The part of a snapshot that ``_Scoring`` owns, checked and not yet applied."""
+
+    detector: ModelDetector
+    thresholds: dict[str, Threshold]
+    events_since_training: int
+
+
+def _state_item(state: Mapping[str, Any], key: str, expected: type[T]) -> T:
+    """Return ``state[key]``; raise TypeError when it is not an ``expected``."""
+    value = state[key]
+    if not isinstance(value, expected):
+        msg = f"saved state {key!r} is a {type(value).__name__}, expected {expected.__name__}"
+        raise TypeError(msg)
+    return value
 
 
 class LogsPipeline(_Scoring):
@@ -286,6 +329,51 @@ class LogsPipeline(_Scoring):
         data = np.concatenate(streams)
         return self.detector.train(data), int(data.shape[0])
 
+    def snapshot(self) -> dict[str, Any]:
+        """Return references to every piece of state that scoring and training change.
+
+        This covers the detector, thresholds, drain3 templates and event ids, open windows,
+        stream contexts, scalers, HalfSpaceTrees and the training buffer. The pieces are not
+        copied, so pickle them before the next ``process``, ``flush`` or training call.
+        """
+        return {
+            **self._scoring_snapshot(),
+            "templates": self.featurizer.miner.snapshot(),
+            "windower": self.featurizer.windower,
+            "contexts": self.contexts,
+            "sources_dropped": self.sources_dropped,
+            "scalers": self.scalers,
+            "hst": self.hst,
+            "windows_scored": self.windows_scored,
+            "training": list(self.training),
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Replace the state with one that ``snapshot`` returned and a pickle kept.
+
+        The caller checks that the state comes from the same settings (``state_fingerprint``)
+        and saves the drain3 file afterwards (``featurizer.miner.save``). Raises KeyError,
+        TypeError or ValueError on a state of another shape, and then changes nothing.
+        """
+        scoring = self._checked_scoring(state)
+        templates = state["templates"]
+        windower = _state_item(state, "windower", LogWindower)
+        contexts = _state_item(state, "contexts", type(self.contexts))
+        sources_dropped = int(state["sources_dropped"])
+        scalers = _state_item(state, "scalers", dict)
+        hst = _state_item(state, "hst", HalfSpaceTreesDetector)
+        windows_scored = _state_item(state, "windows_scored", dict)
+        training = deque(_state_item(state, "training", list), maxlen=self.edge.window_events)
+        self.featurizer.miner.restore(templates)
+        self._apply_scoring(scoring)
+        self.featurizer.windower = windower
+        self.contexts = contexts
+        self.sources_dropped = sources_dropped
+        self.scalers = scalers
+        self.hst = hst
+        self.windows_scored = windows_scored
+        self.training = training
+
 
 class TracesPipeline(_Scoring):
     """Assemble spans into traces, featurize each closed trace and score it.
@@ -319,8 +407,6 @@ class TracesPipeline(_Scoring):
         self.training: deque[np.ndarray] = deque(maxlen=self.edge.window_events)
         self.traces_scored = 0
         # First span index and read position per open trace, for the score's index and ref.
-        # NOTE: it is not saved with the assembler state, so a trace restored after a restart
-        # is scored with index -1 and no ref.
         self._first: dict[str, Incoming] = {}
 
     def assembler(self, partition: int) -> TraceAssembler:
@@ -434,6 +520,76 @@ class TracesPipeline(_Scoring):
         assert isinstance(self.detector, AutoencoderDetector)
         data = np.stack(list(self.training))
         return self.detector.train(data), int(data.shape[0])
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return references to every piece of state that scoring and training change.
+
+        This covers the detector, thresholds, the assemblers with their open traces, the
+        first span of each open trace, the latency baseline, the scaler, HalfSpaceTrees and
+        the training buffer. The pieces are not copied, so pickle them before the next
+        ``process``, ``advance``, ``flush`` or training call.
+        """
+        return {
+            **self._scoring_snapshot(),
+            "assemblers": self.assemblers,
+            "first": self._first,
+            "baseline": self.featurizer.baseline,
+            "scaler": self.scaler,
+            "hst": self.hst,
+            "training": list(self.training),
+            "traces_scored": self.traces_scored,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Replace the state with one that ``snapshot`` returned and a pickle kept.
+
+        The caller checks that the state comes from the same settings (``state_fingerprint``).
+        Raises KeyError, TypeError or ValueError on a state of another shape, and then changes
+        nothing.
+        """
+        scoring = self._checked_scoring(state)
+        assemblers = _state_item(state, "assemblers", dict)
+        for partition, assembler in assemblers.items():
+            if not isinstance(partition, int) or not isinstance(assembler, TraceAssembler):
+                msg = f"saved assembler of partition {partition!r} is a {type(assembler).__name__}"
+                raise TypeError(msg)
+        first = _state_item(state, "first", dict)
+        baseline = _state_item(state, "baseline", OperationBaseline)
+        scaler = _state_item(state, "scaler", StreamingScaler)
+        hst = _state_item(state, "hst", HalfSpaceTreesDetector)
+        training = deque(_state_item(state, "training", list), maxlen=self.edge.window_events)
+        traces_scored = int(state["traces_scored"])
+        self._apply_scoring(scoring)
+        self.assemblers = assemblers
+        self._first = first
+        self.featurizer.baseline = baseline
+        self.scaler = scaler
+        self.hst = hst
+        self.training = training
+        self.traces_scored = traces_scored
+
+    def open_traces_state(self) -> dict[str, Any]:
+        """Return the open traces, their first spans and the latency baseline as msgpack values.
+
+        This is the smaller state a client keeps without a checkpoint folder: the open
+        traces' spans lie before the committed offsets, so a restart would lose them.
+        """
+        return {
+            "assemblers": {p: a.state() for p, a in self.assemblers.items()},
+            "baseline": self.featurizer.baseline.state(),
+            "first": [
+                [trace_id, first.index, first.partition, first.offset, list(astuple(first.item))]
+                for trace_id, first in self._first.items()
+            ],
+        }
+
+    def load_open_traces_state(self, state: dict[str, Any]) -> None:
+        """Load what ``open_traces_state`` returned; a state without ``first`` loads too."""
+        for partition, assembler_state in state["assemblers"].items():
+            self.assembler(int(partition)).load_state(assembler_state)
+        self.featurizer.baseline.load_state(state["baseline"])
+        for trace_id, index, partition, offset, span in state.get("first", []):
+            self._first[str(trace_id)] = Incoming(Span(*span), int(index), partition, offset)
 
 
 ModalityPipeline = LogsPipeline | TracesPipeline

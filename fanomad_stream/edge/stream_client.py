@@ -3,9 +3,21 @@
 It follows ``EdgeClient`` step for step (poll, decode and score, publish, commit, then train
 when a window is full and a newer global model exists) on ``logs.raw`` or ``traces.raw``,
 with a ``LogsPipeline`` or ``TracesPipeline``. Delivery is at-least-once for scores: offsets
-are committed only after the batch's scores and alerts are acknowledged. Spans of traces
-that are still open when offsets are committed live in memory, and ``stop`` saves the
-assembler's state to the site's state folder, from where ``start`` loads it.
+are committed only after the batch's scores and alerts are acknowledged.
+
+State on disk follows one rule: ``edge.state_dir`` turns checkpoints on, for every modality.
+
+- With ``edge.state_dir`` set, the client checkpoints its whole scoring state, with the next
+  offset of every partition it has read, to ``<edge.state_dir>/<site>/<modality>/`` as the
+  metrics client does (``CheckpointManager``). A restart restores the state and resumes each
+  of those partitions at the checkpoint's offset. The checkpoint contains the drain3
+  templates and the open traces too.
+- drain3 keeps its own file, ``<logs.state_dir>/<site>/drain3.json``, in both cases. A
+  restored checkpoint rewrites it with the checkpoint's templates, so the two agree.
+- Without ``edge.state_dir`` only the templates and the open traces survive a restart:
+  ``stop`` saves the open traces to ``<logs.state_dir>/<site>/traces.msgpack`` and ``start``
+  loads them. With ``edge.state_dir`` set, that file is read only when no checkpoint is
+  restored, and it is deleted once a checkpoint contains its traces.
 
 Updates leave the site through ``EdgePrivacy`` as the metrics client's do: DP-SGD with the
 client's ledger on ``privacy.ledger``, clipping and noise shares under client-level DP, and
@@ -15,6 +27,7 @@ the masked sum of secure aggregation when that is on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import sys
 import time
@@ -24,10 +37,12 @@ from typing import Any
 
 import msgpack
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
-from aiokafka.errors import CommitFailedError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError
 
-from fanomad_stream.config import AppConfig
+from fanomad_stream.config import AppConfig, ModalityName
+from fanomad_stream.edge.checkpoint import EdgeCheckpoint, state_fingerprint
+from fanomad_stream.edge.checkpoint_manager import CheckpointManager, offsets_for_log
 from fanomad_stream.edge.modalities import (
     Incoming,
     LogsPipeline,
@@ -59,7 +74,6 @@ class StreamCounters:
     dead_letters: int = 0
     skipped: int = 0
     updates_sent: int = 0
-    commit_failures: int = 0
 
 
 class ModalityEdgeClient(ServiceLifecycle):
@@ -71,7 +85,7 @@ class ModalityEdgeClient(ServiceLifecycle):
         The config as ``modalities.modality_config(config, modality)`` returns it, so
         ``config.model`` is this modality's model.
     site
-        Client id of this site; names its consumer group and its state folder.
+        Client id of this site; names its consumer group and its state folders.
     modality
         ``logs`` or ``traces``.
     sources
@@ -90,9 +104,10 @@ class ModalityEdgeClient(ServiceLifecycle):
         self.site = site
         self.modality = modality
         self.sources = None if sources is None else set(sources)
-        self.state_dir = config.logs.state_dir / site
+        # drain3 templates and, without edge.state_dir, the open traces.
+        self.logs_state_dir = config.logs.state_dir / site
         self.pipeline: ModalityPipeline = (
-            LogsPipeline(config, self.state_dir / "drain3.json")
+            LogsPipeline(config, self.logs_state_dir / "drain3.json")
             if modality == "logs"
             else TracesPipeline(config)
         )
@@ -109,35 +124,60 @@ class ModalityEdgeClient(ServiceLifecycle):
         self._idle_since: float | None = None
         self._log = log.bind(client_id=site, modality=modality)
         self.updates = UpdateSender(config, site, self.metrics, self._log)
+        state_dir = config.edge.state_dir
+        name: ModalityName = "logs" if modality == "logs" else "traces"
+        self.checkpoints = CheckpointManager(
+            folder=None if state_dir is None else state_dir / site / modality,
+            site=site,
+            fingerprint=state_fingerprint(config, name),
+            topic=topic_name(self._kafka, self._topic),
+            edge=config.edge,
+            logger=self._log,
+        )
 
     @property
     def _traces_state(self) -> Path:
-        return self.state_dir / "traces.msgpack"
+        return self.logs_state_dir / "traces.msgpack"
 
     async def start(self) -> None:
         assert self._producer is None, "ModalityEdgeClient.start() called twice"
-        self._load_traces_state()
         self._producer = make_producer(self._kafka)
         await self._producer.start()
         self._dead = DeadLetters(self._producer, self._kafka, src=self.site)
+        await self._global.start()
+        await self.updates.start(self._producer)
+        await self._load_state()
+        # The state and its offsets are in place before the first assignment seeks to them.
         group = f"{self.config.edge.group_prefix}-{self.modality}-{self.site}"
         # A longer session than aiokafka's 10 s default: scoring and training share the
         # process with the heartbeat task, and a missed session forces a rebalance.
         self._consumer = make_consumer(
-            self._kafka, self._topic, group_id=group, session_timeout_ms=SESSION_TIMEOUT_MS
+            self._kafka, group_id=group, session_timeout_ms=SESSION_TIMEOUT_MS
         )
         await self._consumer.start()
-        await self._global.start()
-        await self.updates.start(self._producer)
-        self._log.info("edge_started", group=group, topic=self._topic)
+        self.checkpoints.consumer = self._consumer
+        self._consumer.subscribe(
+            [topic_name(self._kafka, self._topic)], listener=self.checkpoints.listener()
+        )
+        self._log.info(
+            "edge_started",
+            group=group,
+            topic=self._topic,
+            global_version=self.global_version,
+            checkpoint_restored=self.checkpoints.restored is not None,
+        )
 
     async def stop(self) -> None:
-        """Stop consuming, save the pipeline state and close every client; idempotent."""
+        """Checkpoint or save the open traces, then close every client; idempotent."""
         self._stopping.set()
+        await self.checkpoints.write_on_stop(self._write_checkpoint)
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
-            self._save_state()
+            self.checkpoints.consumer = None
+            if self.checkpoints.folder is None:
+                self._save_state()
+        self.checkpoints.release()
         await self._global.stop()
         await self.updates.stop()
         if self._producer is not None:
@@ -155,60 +195,62 @@ class ModalityEdgeClient(ServiceLifecycle):
     async def step(self) -> int:
         """Handle one poll; return the number of records consumed."""
         assert self._consumer is not None
-        await self._refresh_global()
+        async with self.checkpoints.state_lock:
+            await self._refresh_global()
         batches = await self._consumer.getmany(
             timeout_ms=self.config.edge.poll_timeout_ms,
             max_records=self.config.edge.max_batch_records,
         )
         consumed = sum(len(records) for records in batches.values())
+        async with self.checkpoints.state_lock:
+            committed = await self._handle_batch(batches, consumed)
+            if committed and self.checkpoints.due():
+                await self._write_checkpoint()
+            await self.updates.poll()
+            if self.pipeline.window_ready() and self._may_train():
+                await self._train_and_send()
 
-        incoming = await self._decode(batches)
-        started = time.perf_counter()
-        scored = await asyncio.to_thread(self.pipeline.process, incoming)
-        scored += self._advance_when_idle(consumed)
-        self.metrics.record_scored(
-            self.modality,
-            events=len(scored),
-            alerts=sum(item.alert for item in scored),
-            seconds=time.perf_counter() - started,
-        )
-        await asyncio.gather(*await self._publish(scored))
-
-        # At-least-once: offsets move only after every score, alert and dead letter is acked.
-        if consumed:
-            await self._commit()
-            self.counters.consumed += consumed
+        self.counters.consumed += consumed
         self.metrics.record_consumed(consumed)
-        await self.metrics.record_lag(self._consumer)
-
-        await self.updates.poll()
-        if self.pipeline.window_ready() and self._may_train():
-            await self._train_and_send()
+        with contextlib.suppress(IllegalStateError):  # a partition revoked since the poll
+            await self.metrics.record_lag(self._consumer)
         return consumed
+
+    async def _handle_batch(
+        self, batches: dict[TopicPartition, list[ConsumerRecord]], consumed: int
+    ) -> bool:
+        """Score and publish a poll's records, then commit; return True if the commit worked.
+
+        A poll without records still moves the trace clock, which closes idle traces.
+        """
+        if not consumed and not isinstance(self.pipeline, TracesPipeline):
+            return False
+        with self.checkpoints.changing():
+            incoming = await self._decode(batches)
+            started = time.perf_counter()
+            scored = await asyncio.to_thread(self.pipeline.process, incoming)
+            scored += self._advance_when_idle(consumed)
+            self.metrics.record_scored(
+                self.modality,
+                events=len(scored),
+                alerts=sum(item.alert for item in scored),
+                seconds=time.perf_counter() - started,
+            )
+            await asyncio.gather(*await self._publish(scored))
+
+            # At-least-once: offsets move only after every score, alert and dead letter is acked.
+            self.checkpoints.advance(batches)
+        return consumed > 0 and await self.checkpoints.commit(batches)
 
     def _may_train(self) -> bool:
         return self.updates.may_train(self.global_version, self.last_update_round)
 
-    async def _commit(self) -> None:
-        """Commit the polled offsets; after a rebalance, log and let the batch be redelivered.
-
-        A consumer that missed its heartbeats (a busy event loop) is dropped from its group,
-        and its next commit fails. The batch is then consumed and scored again, which is the
-        at-least-once contract, so the client keeps running instead of dying.
-        """
-        assert self._consumer is not None
-        try:
-            await self._consumer.commit()
-        except CommitFailedError as err:
-            self.counters.commit_failures += 1
-            self._log.warning(
-                "commit_failed", error=str(err), commit_failures=self.counters.commit_failures
-            )
-
     async def flush(self) -> int:
         """Score what is still open (windows, traces) and publish it; return the count."""
-        scored = await asyncio.to_thread(self.pipeline.flush)
-        await asyncio.gather(*await self._publish(scored))
+        async with self.checkpoints.state_lock:
+            with self.checkpoints.changing():
+                scored = await asyncio.to_thread(self.pipeline.flush)
+                await asyncio.gather(*await self._publish(scored))
         return len(scored)
 
     def _advance_when_idle(self, consumed: int) -> list[Scored]:
@@ -229,11 +271,14 @@ class ModalityEdgeClient(ServiceLifecycle):
         return self.pipeline.advance(idle_us)
 
     async def _refresh_global(self) -> None:
-        newer = await self._global.poll(timeout_ms=0)
+        # A restored checkpoint already contains the versions up to its own, possibly trained
+        # further, so only a newer version replaces the weights.
+        newer = await self._global.poll_newer_than(self.global_version)
         if newer is None:
             return
         self.pipeline.detector.load_weights(newer.weights)
         self.global_version = newer.version
+        self.checkpoints.changed = True
         self._log.info("global_model_loaded", version=newer.version, round=newer.round)
 
     async def _decode(self, batches: dict[Any, list[ConsumerRecord]]) -> list[Incoming]:
@@ -303,13 +348,19 @@ class ModalityEdgeClient(ServiceLifecycle):
         if latest is not None:
             self.pipeline.detector.load_weights(latest.weights)
         round_id = self.global_version
-        trained = await self.updates.train(self.pipeline, round_id=round_id)
+        # Training runs in a worker thread that a cancelled step does not stop, so the state
+        # counts as out of sync until the thread has returned here.
+        with self.checkpoints.changing():
+            trained = await self.updates.train(self.pipeline, round_id=round_id)
         if trained is None:
             return
         loss = self.pipeline.detector.last_loss
         await self.updates.send(
             trained, round_id=round_id, base_version=self.global_version, train_loss=loss
         )
+        # NOTE: unlike EdgeClient, this client keeps no edge.json, so a kill between this send
+        # and the next checkpoint can send this round's update again after a restart.
+        # The aggregator then rejects the second copy as a duplicate or a stale update.
         self.last_update_round = round_id
         self.counters.updates_sent += 1
         self._log.info(
@@ -320,14 +371,87 @@ class ModalityEdgeClient(ServiceLifecycle):
             privacy=trained.privacy,
         )
 
+    async def _load_state(self) -> None:
+        """Restore the checkpoint when this process may; otherwise load the open traces."""
+        checkpoint = self.checkpoints.read()
+        if checkpoint is not None and checkpoint.global_version >= 0:
+            latest = await self._global.catch_up()
+            newest = -1 if latest is None else latest.version
+            if not self.checkpoints.lineage_fits(checkpoint, newest):
+                checkpoint = None
+        if checkpoint is not None and self._restore(checkpoint):
+            return
+        self._load_traces_state()
+        edge = self.config.edge
+        self._log.info(
+            "edge_warmup_started",
+            threshold_warmup_events=edge.threshold.warmup_events,
+            hst_window=edge.hst_window,
+            window_events=edge.window_events,
+        )
+
+    def _restore(self, checkpoint: EdgeCheckpoint) -> bool:
+        """Load the checkpoint; return False, with the pipeline unchanged, when it does not fit."""
+        if not self.checkpoints.restore(checkpoint, self.pipeline.restore):
+            return False
+        self.global_version = checkpoint.global_version
+        self.last_update_round = checkpoint.last_update_round
+        if isinstance(self.pipeline, LogsPipeline):
+            self._save_templates()
+            restored = {"templates": self.pipeline.featurizer.miner.template_count}
+        else:
+            restored = {"open_traces": self.pipeline.open_traces}
+        self._log.info(
+            "edge_checkpoint_restored",
+            age_s=round(time.time() - checkpoint.written_at, 3),
+            global_version=checkpoint.global_version,
+            last_update_round=self.last_update_round,
+            offsets=offsets_for_log(checkpoint.offsets),
+            **restored,
+        )
+        return True
+
+    async def _write_checkpoint(self) -> None:
+        """Write the checkpoint; the caller holds the state lock, so nothing changes meanwhile.
+
+        The template files are saved whenever a template or event id is added, so they run
+        ahead of the last checkpoint between two of them. Saving them here makes them agree.
+        """
+        written = await self.checkpoints.write(
+            global_version=self.global_version,
+            last_update_round=self.last_update_round,
+            state=self.pipeline.snapshot(),
+        )
+        if not written:
+            return
+        if isinstance(self.pipeline, LogsPipeline):
+            self._save_templates()
+        elif self._traces_state.exists():
+            # The checkpoint contains the open traces the file was loaded with, or newer ones.
+            try:
+                self._traces_state.unlink()
+            except OSError as err:
+                self._log.error(
+                    "trace_state_file_remove_failed", path=str(self._traces_state), error=str(err)
+                )
+                return
+            self._log.info("trace_state_file_removed", path=str(self._traces_state))
+
+    def _save_templates(self) -> None:
+        assert isinstance(self.pipeline, LogsPipeline)
+        try:
+            self.pipeline.featurizer.miner.save()
+        except OSError as err:
+            self._log.error(
+                "drain3_state_write_failed", path=str(self.logs_state_dir), error=str(err)
+            )
+
     def _save_state(self) -> None:
+        """Save the templates, or the open traces, of a client that keeps no checkpoint."""
         if isinstance(self.pipeline, LogsPipeline):
             self.pipeline.featurizer.miner.save()
             return
-        state = {
-            "assemblers": {p: a.state() for p, a in self.pipeline.assemblers.items()},
-            "baseline": self.pipeline.featurizer.baseline.state(),
-        }
+        state = self.pipeline.open_traces_state()
         self._traces_state.parent.mkdir(parents=True, exist_ok=True)
         temporary = self._traces_state.with_name(self._traces_state.name + ".tmp")
         temporary.write_bytes(msgpack.packb(state, use_bin_type=True))
@@ -337,10 +461,12 @@ class ModalityEdgeClient(ServiceLifecycle):
         if not isinstance(self.pipeline, TracesPipeline) or not self._traces_state.is_file():
             return
         state = msgpack.unpackb(self._traces_state.read_bytes(), raw=False, strict_map_key=False)
-        for partition, assembler_state in state["assemblers"].items():
-            self.pipeline.assembler(int(partition)).load_state(assembler_state)
-        self.pipeline.featurizer.baseline.load_state(state["baseline"])
-        self._log.info("trace_state_loaded", open_traces=self.pipeline.open_traces)
+        self.pipeline.load_open_traces_state(state)
+        self._log.info(
+            "trace_state_loaded",
+            path=str(self._traces_state),
+            open_traces=self.pipeline.open_traces,
+        )
 
 
 def _finite_or_max(value: float) -> float:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from drain3 import TemplateMiner
+from drain3.drain import Drain
 from drain3.masking import MaskingInstruction
 from drain3.persistence_handler import PersistenceHandler
 from drain3.template_miner_config import TemplateMinerConfig
@@ -207,8 +209,37 @@ class LogTemplateMiner:
         """Write the state now (drain3 already saves whenever a template changes)."""
         if self._persistence is not None:
             self._miner.save_state("explicit save")
-        if self.events:
+        # An empty map replaces an existing file too, so a restored state without events
+        # leaves no event ids of a later run behind.
+        if self.events or (self._events_path is not None and self._events_path.exists()):
             self._save_events()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the templates: drain3's ``Drain`` and the event ids, not copies."""
+        return {
+            "drain": self._miner.drain,
+            "events": self.events,
+            "events_dropped": self.events_dropped,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Replace the templates with ones that ``snapshot`` returned and a pickle kept.
+
+        The state files are not written here; call ``save`` to make them agree. Raises
+        KeyError, TypeError or ValueError on a state of another shape, and then changes
+        nothing.
+        """
+        drain, events = state["drain"], state["events"]
+        if not isinstance(drain, Drain) or not isinstance(events, dict):
+            msg = (
+                f"template state holds a {type(drain).__name__} and a {type(events).__name__}, "
+                "expected a drain3.drain.Drain and a dict of event ids"
+            )
+            raise TypeError(msg)
+        events_dropped = int(state["events_dropped"])
+        self._miner.drain = drain
+        self.events = events
+        self.events_dropped = events_dropped
 
 
 def feature_names(n_buckets: int) -> list[str]:

@@ -97,6 +97,16 @@ class GlobalModelReader:
             return self.latest
         return None
 
+    async def poll_newer_than(self, version: int) -> GlobalModel | None:
+        """Read what has arrived; return the newest model when its version is above ``version``.
+
+        Unlike ``poll``, this also returns a model that an earlier ``catch_up`` has read.
+        """
+        await self.poll(timeout_ms=0)
+        if self.latest is not None and self.latest.version > version:
+            return self.latest
+        return None
+
     async def catch_up(self, timeout_s: float = 30.0) -> GlobalModel | None:
         """Read up to the end offsets as of this call; return the newest model, if any."""
         assert self._consumer is not None, "GlobalModelReader.start() was not called"

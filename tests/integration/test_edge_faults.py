@@ -271,9 +271,9 @@ async def test_second_process_joins_mid_window(tmp_path: Path, topics: KafkaSett
             assert not task.done() or task.exception() is None
 
     assert updates
-    assert first._checkpoint_lock is None  # released by stop()
-    assert first.restored_checkpoint is None
-    assert second.restored_checkpoint is None
+    assert first.checkpoints.lock is None  # released by stop()
+    assert first.checkpoints.restored is None
+    assert second.checkpoints.restored is None
     keyed = await read_topic(topics, "metrics.raw", frozenset({"metric"}))
     assert len({k.partition for k in keyed}) >= 2, "the sources landed on one partition"
     assert first.counters.scored + second.counters.scored >= report.total_points
@@ -290,12 +290,12 @@ def test_second_process_keeps_no_checkpoint(tmp_path: Path) -> None:
     holder = CheckpointLock(tmp_path / "state" / SITE)
     assert holder.acquire()
     client = EdgeClient(config, site=SITE, sources=MACHINES)
-    assert client._read_checkpoint() is None
-    assert client._checkpoint_lock is None
+    assert client.checkpoints.read() is None
+    assert client.checkpoints.lock is None
     holder.release()
-    assert client._read_checkpoint() is None  # the lock is free now, and there is no file
-    assert client._checkpoint_lock is not None
-    client._checkpoint_lock.release()
+    assert client.checkpoints.read() is None  # the lock is free now, and there is no file
+    assert client.checkpoints.lock is not None
+    client.checkpoints.release()
 
 
 @pytest.fixture

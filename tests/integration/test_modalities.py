@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fanomad_stream.config import AppConfig, KafkaSettings
 from fanomad_stream.demo_multimodal import running_services
-from fanomad_stream.edge.modalities import LogsPipeline, TracesPipeline
+from fanomad_stream.edge.checkpoint import CHECKPOINT_FILE
+from fanomad_stream.edge.modalities import Incoming, LogsPipeline, Scored, TracesPipeline
 from fanomad_stream.edge.stream_client import ModalityEdgeClient
 from fanomad_stream.featurize.logs import LogTemplateMiner
 from fanomad_stream.federate.aggregator import Aggregator
@@ -43,8 +47,13 @@ def _logs_config(
     kafka: KafkaSettings,
     state_dir: Path,
     privacy: dict[str, object] | None = None,
+    *,
+    checkpoints_dir: Path | None = None,
     **edge: object,
 ) -> AppConfig:
+    """Return the logs view of a config; ``checkpoints_dir`` becomes ``edge.state_dir``."""
+    if checkpoints_dir is not None:
+        edge["state_dir"] = str(checkpoints_dir)
     config = make_config(
         kafka,
         edge={"max_batch_records": 500, "poll_timeout_ms": 200, **edge},
@@ -163,16 +172,23 @@ async def test_lstm_round_publishes_version_one(topics: KafkaSettings, tmp_path:
 
 
 @pytest.mark.timeout(120)
-async def test_traces_restart_keeps_open_traces(topics: KafkaSettings, tmp_path: Path) -> None:
-    """Traces open at a stop are restored by the next client and each is scored once."""
+@pytest.mark.parametrize("kept_in", ["traces_file", "checkpoint"])
+async def test_traces_restart_keeps_open_traces(
+    topics: KafkaSettings, tmp_path: Path, kept_in: str
+) -> None:
+    """Traces open at a stop are restored by the next client, each scored once with its index.
+
+    Without ``edge.state_dir`` the open traces go to traces.msgpack. With it they go into
+    the checkpoint, and no traces.msgpack is written.
+    """
     spans, labels = load_nezha_spans(pattern=NEZHA_WINDOW, limit=1500)
     trace_ids = {span.trace_id for span in spans}
+    edge: dict[str, object] = {"max_batch_records": 300, "poll_timeout_ms": 200}
+    if kept_in == "checkpoint":
+        edge["state_dir"] = str(tmp_path / "edge")
     config = modality_config(
         make_config(
-            topics,
-            edge={"max_batch_records": 300, "poll_timeout_ms": 200},
-            logs={"state_dir": str(tmp_path)},
-            traces={"timeout_s": 600.0},
+            topics, edge=edge, logs={"state_dir": str(tmp_path)}, traces={"timeout_s": 600.0}
         ),
         "traces",
     )
@@ -186,10 +202,15 @@ async def test_traces_restart_keeps_open_traces(topics: KafkaSettings, tmp_path:
     assert open_at_stop > 0
 
     await replay_spans(topics, spans[700:], labels[700:], first_index=700, progress=False)
+    traces_file = tmp_path / "nezha-site" / "traces.msgpack"
+    checkpoint = tmp_path / "edge" / "nezha-site" / "traces" / CHECKPOINT_FILE
+    assert traces_file.is_file() == (kept_in == "traces_file")
+    assert checkpoint.is_file() == (kept_in == "checkpoint")
     second = ModalityEdgeClient(config, site="nezha-site", modality="traces")
     await second.start()
     assert isinstance(second.pipeline, TracesPipeline)
     assert second.pipeline.open_traces == open_at_stop
+    assert (second.checkpoints.restored is not None) == (kept_in == "checkpoint")
     second.request_stop()
     await second.stop()
     second = ModalityEdgeClient(config, site="nezha-site", modality="traces")
@@ -204,6 +225,12 @@ async def test_traces_restart_keeps_open_traces(topics: KafkaSettings, tmp_path:
     assert counters.late_spans == 0
     assert counters.duplicate_spans == 0
     assert sum(s.envelope.body["detail"]["spans"] for s in scores) == 1500
+    # The first span of each trace open at the stop was restored too, so every score has
+    # the index of its trace's first span.
+    first_index: dict[str, int] = {}
+    for index, span in enumerate(spans):
+        first_index.setdefault(span.trace_id, index)
+    assert {s.key: s.envelope.body["index"] for s in scores} == first_index
 
 
 @pytest.mark.timeout(180)
@@ -280,3 +307,101 @@ async def test_logs_restart_keeps_template_ids(topics: KafkaSettings, tmp_path: 
     for run in (0, 1):
         assert [observed[run][i] for i in range(1000)] == expected[run]
     assert set(expected[1]) & set(expected[0])  # the second half reuses first-half ids
+
+
+async def _run_until_killed(client: ModalityEdgeClient, scored: int) -> None:
+    """Run ``client`` until it has scored ``scored`` lines, then stop it as a kill would.
+
+    A killed process writes no checkpoint at its stop, so the lock is released first.
+    """
+    await client.start()
+    run = asyncio.create_task(client.run())
+    try:
+        await wait_until(lambda: client.counters.scored >= scored, timeout_s=60)
+    finally:
+        client.request_stop()
+        await run
+        client.checkpoints.release()
+        await client.stop()
+
+
+@pytest.mark.timeout(180)
+async def test_logs_restart_resumes_from_checkpoint(topics: KafkaSettings, tmp_path: Path) -> None:
+    """A restarted logs site resumes at its checkpoint with warm HST, thresholds and templates.
+
+    The first run stops cleanly and checkpoints. The second run restores that checkpoint and
+    ends as a kill would: it commits past the checkpoint but writes none, while drain3 saves
+    the templates it creates. The third run seeks back to the checkpoint's offset, not to the
+    committed one, and scores every line from there. The scores after each restart equal those
+    of one uninterrupted pipeline, so no run warmed up again.
+    """
+    # One source keeps every line in one partition, so a line's offset is its index.
+    records = [replace(r, source="bgl") for r in load_log_dataset("bgl").records]
+    config = _logs_config(
+        topics,
+        tmp_path / "logs",
+        window_events=100_000,
+        max_batch_records=100,
+        hst_window=50,
+        threshold={"warmup_events": 100},
+        checkpoints_dir=tmp_path / "edge",
+        checkpoint_interval_s=3600,
+    )
+    offline = LogsPipeline(config, None)
+    lines = [Incoming(record, i, 0, i) for i, record in enumerate(records)]
+    expected = {score.index: score for score in offline.process(lines)}
+
+    replay = asyncio.create_task(
+        replay_logs(topics, LogDataset("bgl", records), events_per_s=150, progress=False)
+    )
+    first = ModalityEdgeClient(config, site="bgl-site", modality="logs")
+    async with running_services(first):
+        await wait_until(lambda: first.counters.scored >= 400, timeout_s=60)
+    checkpointed = sum(first.checkpoints.positions.values())
+    assert checkpointed == first.counters.scored
+    ends = [await end_offsets(topics, "scores")]
+
+    second = ModalityEdgeClient(config, site="bgl-site", modality="logs")
+    await _run_until_killed(second, 300)
+    assert second.checkpoints.restored is not None
+    assert second.checkpoints.restored.offsets == first.checkpoints.positions
+    committed = sum(second.checkpoints.positions.values())
+    assert committed >= checkpointed + 300
+    ends.append(await end_offsets(topics, "scores"))
+
+    third = ModalityEdgeClient(config, site="bgl-site", modality="logs")
+    async with running_services(third):
+        await replay
+        await wait_until(lambda: third.counters.scored >= 2000 - checkpointed, timeout_s=60)
+    assert third.checkpoints.restored is not None
+    assert third.checkpoints.restored.offsets == first.checkpoints.positions
+
+    runs: list[list[dict[str, Any]]] = [[], [], []]
+    for score in await read_topic(topics, "scores", frozenset({"score"})):
+        number = sum(score.offset >= end[score.partition] for end in ends)
+        runs[number].append(score.envelope.body)
+    indices = [[body["index"] for body in run] for run in runs]
+    assert indices[0] == list(range(checkpointed))
+    assert indices[1] == list(range(checkpointed, committed))
+    assert indices[2] == list(range(checkpointed, 2000))
+    assert any(expected[i].detail["new_template"] for i in range(checkpointed, committed))
+    for run in runs[1:]:
+        _assert_warm_start(run[0])
+        for body in run:
+            _assert_like_offline(body, expected[body["index"]])
+
+
+def _assert_warm_start(body: dict[str, Any]) -> None:
+    """Check that a restarted client's first score comes from a warm HST and threshold."""
+    assert body["detail"]["hst"] > 0  # a cold HST scores 0 for its first hst_window lines
+    assert body["threshold"] < sys.float_info.max  # +inf in warm-up is published as max
+
+
+def _assert_like_offline(body: dict[str, Any], offline: Scored) -> None:
+    index, detail = body["index"], body["detail"]
+    assert detail["template"] == offline.detail["template"], index
+    assert detail["new_template"] == offline.detail["new_template"], index
+    # HalfSpaceTrees scores row by row, so any batching gives the same bits. The LSTM scores
+    # windows in batches, and the batch size can change the last bits of a float32 result.
+    assert detail["hst"] == offline.detail["hst"], index
+    assert body["score"] == pytest.approx(offline.score, rel=1e-5, abs=1e-7), index

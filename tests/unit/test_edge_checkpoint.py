@@ -293,7 +293,7 @@ def test_client_with_unusable_state_dir_goes_on(tmp_path: Path) -> None:
     blocker.write_text("")
     config = _config("baseline", state_dir=str(blocker / "state"))
     client = EdgeClient(config, site="site-a", sources=list(SOURCES))
-    assert client._read_checkpoint() is None
+    assert client.checkpoints.read() is None
     client._write_site_state(SiteState(last_update_round=4))
     assert client._read_site_state() == SiteState()
 
@@ -304,5 +304,5 @@ def test_client_skips_unfit_checkpoint_state(tmp_path: Path) -> None:
     checkpoint = _checkpoint(config, _pipeline(config))
     checkpoint.pipeline = {"detector": checkpoint.pipeline["detector"]}
     assert not client._restore(checkpoint)
-    assert client.restored_checkpoint is None
-    assert client.positions == {}
+    assert client.checkpoints.restored is None
+    assert client.checkpoints.positions == {}

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-import structlog.testing
-from aiokafka.errors import CommitFailedError
 
 from fanomad_stream.config import AppConfig, ModelSettings, parse_config
 from fanomad_stream.detect.autoencoder import build_model, get_weights
 from fanomad_stream.detect.factory import build_detector, initial_weights
 from fanomad_stream.detect.sequence import LSTMAutoencoderDetector, TransformerAutoencoderDetector
 from fanomad_stream.edge.modalities import Incoming, LogsPipeline, TracesPipeline
-from fanomad_stream.edge.stream_client import ModalityEdgeClient
 from fanomad_stream.errors import ConfigError
 from fanomad_stream.featurize.trace_assembly import Span
 from fanomad_stream.modalities import modality_config
@@ -189,23 +184,6 @@ def test_nezha_metric_keys_unique() -> None:
     assert (np.diff(rows.ts) >= 0).all()
     assert rows.values.shape == (len(rows.services), 18)
     assert 0 < rows.labels.sum() < len(rows.services)
-
-
-class _RebalancedConsumer:
-    async def commit(self) -> None:
-        raise CommitFailedError("the group rebalanced")
-
-
-async def test_commit_failure_counted_not_raised(tmp_path: Path) -> None:
-    """A commit rejected after a rebalance leaves the batch to be redelivered."""
-    config = modality_config(_config(logs={"state_dir": str(tmp_path)}), "logs")
-    client = ModalityEdgeClient(config, site="s1", modality="logs")
-    client._consumer = _RebalancedConsumer()  # type: ignore[assignment]
-    with structlog.testing.capture_logs() as logs:
-        await client._commit()
-        await client._commit()
-    assert client.counters.commit_failures == 2
-    assert [entry["event"] for entry in logs] == ["commit_failed", "commit_failed"]
 
 
 @pytest.mark.skipif(not NEZHA_DIR.is_dir(), reason="Nezha data not found beside the checkout")
