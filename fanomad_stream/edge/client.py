@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,20 +30,18 @@ from fanomad_stream.config import AppConfig
 from fanomad_stream.edge.checkpoint import EdgeCheckpoint, state_fingerprint
 from fanomad_stream.edge.checkpoint_manager import CheckpointManager, offsets_for_log
 from fanomad_stream.edge.pipeline import BatchResult, EdgePipeline
-from fanomad_stream.edge.site_state import SiteState, read_site_state, write_site_state
+from fanomad_stream.edge.site_state import SiteRounds, SiteState
 from fanomad_stream.edge.updates import UpdateSender
 from fanomad_stream.errors import DecodeError
 from fanomad_stream.federate.global_model import GlobalModelReader
 from fanomad_stream.service.metrics import EdgeMetrics
-from fanomad_stream.service.runner import ServiceLifecycle
+from fanomad_stream.service.runner import SteppedService
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
-from fanomad_stream.transport.reader import read_topic
 
 log = structlog.get_logger(__name__)
 
 METRIC_KINDS = frozenset({"metric"})
-SITE_STATE_FILE = "edge.json"
 
 
 @dataclass
@@ -67,7 +64,7 @@ class _Row:
     values: np.ndarray
 
 
-class EdgeClient(ServiceLifecycle):
+class EdgeClient(SteppedService):
     """One site's edge client.
 
     Parameters
@@ -83,7 +80,7 @@ class EdgeClient(ServiceLifecycle):
     """
 
     def __init__(self, config: AppConfig, *, site: str, sources: list[str]) -> None:
-        super().__init__()
+        super().__init__(config.edge.stop_timeout_s, log.bind(client_id=site))
         if not sources:
             msg = f"edge client {site!r} needs at least one source to score"
             raise ValueError(msg)
@@ -103,6 +100,13 @@ class EdgeClient(ServiceLifecycle):
         self._dead: DeadLetters | None = None
         self._log = log.bind(client_id=site)
         self.updates = UpdateSender(config, site, self.metrics, self._log)
+        self.rounds = SiteRounds(
+            self._site_folder(),
+            kafka=self._kafka,
+            site=site,
+            model_name=config.aggregator.model_name,
+            logger=self._log,
+        )
         self.checkpoints = CheckpointManager(
             folder=self._site_folder(),
             site=site,
@@ -158,56 +162,6 @@ class EdgeClient(ServiceLifecycle):
             )
         self.checkpoints.release()
 
-    async def _close(self, name: str, closing: Awaitable[None]) -> None:
-        timeout_s = self.config.edge.stop_timeout_s
-        try:
-            await asyncio.wait_for(closing, timeout_s)
-        except TimeoutError:
-            self._log.error("kafka_client_close_timed_out", client=name, timeout_s=timeout_s)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            # NOTE: aiokafka 0.14.0's Fetcher.close() awaits the fetch tasks it has just
-            # cancelled without catching CancelledError, so a consumer whose broker is down
-            # can raise it from stop(). The consumer is marked closed before that point.
-            self._log.error("kafka_client_close_failed", client=name, error="CancelledError")
-
-    async def run(self) -> None:
-        """Score until ``request_stop`` is called.
-
-        A stop request lets the step in progress finish for up to ``edge.stop_timeout_s``. A
-        step still blocked after that (for example on a broker that is down) is cancelled, and
-        its batch is read again after a restart.
-        """
-        assert self._consumer is not None, "EdgeClient.start() was not called"
-        while not self._stopping.is_set():
-            step = asyncio.create_task(self.step())
-            try:
-                await self._wait_for_step(step)
-            finally:
-                if not step.done():
-                    step.cancel()
-            if not step.cancelled():
-                step.result()
-
-    async def _wait_for_step(self, step: asyncio.Task[int]) -> None:
-        stopping = asyncio.create_task(self._stopping.wait())
-        try:
-            await asyncio.wait({step, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-        if step.done():
-            return
-        timeout_s = self.config.edge.stop_timeout_s
-        await asyncio.wait({step}, timeout=timeout_s)
-        if step.done():
-            return
-        self._log.error("edge_step_abandoned", timeout_s=timeout_s)
-        step.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await step
-
     async def step(self) -> int:
         """Handle one poll: returns the number of records consumed."""
         assert self._consumer is not None
@@ -249,9 +203,7 @@ class EdgeClient(ServiceLifecycle):
         if self.updates.secagg is not None:
             return True
         # Another process of the site may have sent this round's update since the last look.
-        self.last_update_round = max(
-            self.last_update_round, self._read_site_state().last_update_round
-        )
+        self.last_update_round = max(self.last_update_round, self.rounds.read().last_update_round)
         return self.global_version > self.last_update_round
 
     async def _refresh_global(self) -> None:
@@ -372,13 +324,13 @@ class EdgeClient(ServiceLifecycle):
         if trained is None:
             return
         if self.updates.secagg is None:
-            self._write_site_state(SiteState(self.last_update_round, sending_round=round_id))
+            self.rounds.write(SiteState(self.last_update_round, sending_round=round_id))
         loss = self.pipeline.detector.last_loss
         await self.updates.send(
             trained, round_id=round_id, base_version=self.global_version, train_loss=loss
         )
         self.last_update_round = round_id
-        self._write_site_state(SiteState(round_id))
+        self.rounds.write(SiteState(round_id))
         self.counters.updates_sent += 1
         self._log.info(
             "update_sent",
@@ -392,50 +344,16 @@ class EdgeClient(ServiceLifecycle):
         state_dir = self.config.edge.state_dir
         return None if state_dir is None else state_dir / self.site
 
-    def _read_site_state(self) -> SiteState:
-        folder = self._site_folder()
-        if folder is None:
-            return SiteState()
-        try:
-            return read_site_state(folder / SITE_STATE_FILE)
-        except (OSError, ValueError) as err:
-            self._log.error(
-                "edge_state_unreadable", path=str(folder / SITE_STATE_FILE), error=str(err)
-            )
-            return SiteState()
-
-    def _write_site_state(self, state: SiteState) -> None:
-        folder = self._site_folder()
-        if folder is None:
-            return
-        try:
-            write_site_state(folder / SITE_STATE_FILE, state)
-        except OSError as err:
-            # Sending goes on. A lost write risks a second send of the round after a crash,
-            # and the aggregator rejects a second update of one client while its round is open.
-            self._log.error(
-                "edge_state_write_failed",
-                path=str(folder / SITE_STATE_FILE),
-                error=str(err),
-                last_update_round=state.last_update_round,
-            )
-
     async def _load_state(self) -> None:
         """Restore the last update round and, when this process may, the scoring checkpoint.
 
         A checkpoint or an update round newer than the newest global version belongs to
         another cluster or an earlier model lineage, because versions only grow in one lineage.
         """
-        site_state = self._read_site_state()
-        self.last_update_round = site_state.last_update_round
         checkpoint = self.checkpoints.read()
-        if checkpoint is not None:
-            self.last_update_round = max(self.last_update_round, checkpoint.last_update_round)
-        pending = site_state.sending_round
-        if pending is not None and pending > self.last_update_round:
-            if await self._update_was_sent(pending):
-                self.last_update_round = pending
-            self._write_site_state(SiteState(self.last_update_round))
+        self.last_update_round = await self.rounds.last_sent(
+            -1 if checkpoint is None else checkpoint.last_update_round
+        )
 
         checkpoint_version = -1 if checkpoint is None else checkpoint.global_version
         if self.last_update_round >= 0 or checkpoint_version >= 0:
@@ -484,19 +402,6 @@ class EdgeClient(ServiceLifecycle):
             "hst_rows_before_scores": edge.hst_window,
             "rows_before_first_update": edge.window_events,
         }
-
-    async def _update_was_sent(self, round_id: int) -> bool:
-        """Return True when ``fl.updates`` contains this site's update for ``round_id``."""
-        updates = await read_topic(self._kafka, "fl.updates", frozenset({"update"}))
-        found = any(
-            update.key == self.site
-            and update.envelope.body.get("client_id") == self.site
-            and update.envelope.body.get("round") == round_id
-            and update.envelope.body.get("model") == self.config.aggregator.model_name
-            for update in updates
-        )
-        self._log.info("update_send_checked", round=round_id, found=found)
-        return found
 
     async def _write_checkpoint(self) -> None:
         """Write the checkpoint; the caller holds the state lock, so nothing changes meanwhile."""

@@ -18,6 +18,8 @@ State on disk follows one rule: ``edge.state_dir`` turns checkpoints on, for eve
   ``stop`` saves the open traces to ``<logs.state_dir>/<site>/traces.msgpack`` and ``start``
   loads them. With ``edge.state_dir`` set, that file is read only when no checkpoint is
   restored, and it is deleted once a checkpoint contains its traces.
+- ``edge.json`` beside the checkpoint keeps the last round this site sent and a send in
+  progress, so a restart never sends one round's update twice (see ``SiteRounds``).
 
 Updates leave the site through ``EdgePrivacy`` as the metrics client's do: DP-SGD with the
 client's ledger on ``privacy.ledger``, clipping and noise shares under client-level DP, and
@@ -50,13 +52,14 @@ from fanomad_stream.edge.modalities import (
     Scored,
     TracesPipeline,
 )
+from fanomad_stream.edge.site_state import SiteRounds, SiteState
 from fanomad_stream.edge.updates import UpdateSender
 from fanomad_stream.errors import DecodeError
 from fanomad_stream.featurize.trace_assembly import Span
 from fanomad_stream.federate.global_model import GlobalModelReader
 from fanomad_stream.replay.logs import LogRecord
 from fanomad_stream.service.metrics import EdgeMetrics
-from fanomad_stream.service.runner import ServiceLifecycle
+from fanomad_stream.service.runner import SteppedService
 from fanomad_stream.transport import codec
 from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_producer, topic_name
 
@@ -76,7 +79,7 @@ class StreamCounters:
     updates_sent: int = 0
 
 
-class ModalityEdgeClient(ServiceLifecycle):
+class ModalityEdgeClient(SteppedService):
     """One site's edge client for ``logs`` or ``traces``.
 
     Parameters
@@ -96,7 +99,7 @@ class ModalityEdgeClient(ServiceLifecycle):
     def __init__(
         self, config: AppConfig, *, site: str, modality: str, sources: list[str] | None = None
     ) -> None:
-        super().__init__()
+        super().__init__(config.edge.stop_timeout_s, log.bind(client_id=site, modality=modality))
         if modality not in TOPICS:
             msg = f"modality {modality!r} has no stream client; expected logs or traces"
             raise ValueError(msg)
@@ -126,8 +129,16 @@ class ModalityEdgeClient(ServiceLifecycle):
         self.updates = UpdateSender(config, site, self.metrics, self._log)
         state_dir = config.edge.state_dir
         name: ModalityName = "logs" if modality == "logs" else "traces"
+        folder = None if state_dir is None else state_dir / site / modality
+        self.rounds = SiteRounds(
+            folder,
+            kafka=self._kafka,
+            site=site,
+            model_name=config.aggregator.model_name,
+            logger=self._log,
+        )
         self.checkpoints = CheckpointManager(
-            folder=None if state_dir is None else state_dir / site / modality,
+            folder=folder,
             site=site,
             fingerprint=state_fingerprint(config, name),
             topic=topic_name(self._kafka, self._topic),
@@ -168,29 +179,28 @@ class ModalityEdgeClient(ServiceLifecycle):
         )
 
     async def stop(self) -> None:
-        """Checkpoint or save the open traces, then close every client; idempotent."""
+        """Checkpoint or save the open traces, then close every client; idempotent.
+
+        Each Kafka client gets at most ``edge.stop_timeout_s`` to close, so a broker that is
+        down cannot block the stop.
+        """
         self._stopping.set()
         await self.checkpoints.write_on_stop(self._write_checkpoint)
         if self._consumer is not None:
-            await self._consumer.stop()
+            await self._close("consumer", self._consumer.stop())
             self._consumer = None
             self.checkpoints.consumer = None
             if self.checkpoints.folder is None:
                 self._save_state()
         self.checkpoints.release()
-        await self._global.stop()
-        await self.updates.stop()
+        await self._close("global_model_reader", self._global.stop())
+        await self._close("secagg", self.updates.stop())
         if self._producer is not None:
-            await self._producer.stop()
+            await self._close("producer", self._producer.stop())
             self._producer = None
             self._log.info(
                 "edge_stopped", scored=self.counters.scored, updates=self.counters.updates_sent
             )
-
-    async def run(self) -> None:
-        assert self._consumer is not None, "ModalityEdgeClient.start() was not called"
-        while not self._stopping.is_set():
-            await self.step()
 
     async def step(self) -> int:
         """Handle one poll; return the number of records consumed."""
@@ -243,7 +253,13 @@ class ModalityEdgeClient(ServiceLifecycle):
         return consumed > 0 and await self.checkpoints.commit(batches)
 
     def _may_train(self) -> bool:
-        return self.updates.may_train(self.global_version, self.last_update_round)
+        if not self.updates.may_train(self.global_version, self.last_update_round):
+            return False
+        if self.updates.secagg is not None:
+            return True
+        # Another process of the site may have sent this round's update since the last look.
+        self.last_update_round = max(self.last_update_round, self.rounds.read().last_update_round)
+        return self.global_version > self.last_update_round
 
     async def flush(self) -> int:
         """Score what is still open (windows, traces) and publish it; return the count."""
@@ -354,14 +370,14 @@ class ModalityEdgeClient(ServiceLifecycle):
             trained = await self.updates.train(self.pipeline, round_id=round_id)
         if trained is None:
             return
+        if self.updates.secagg is None:
+            self.rounds.write(SiteState(self.last_update_round, sending_round=round_id))
         loss = self.pipeline.detector.last_loss
         await self.updates.send(
             trained, round_id=round_id, base_version=self.global_version, train_loss=loss
         )
-        # NOTE: unlike EdgeClient, this client keeps no edge.json, so a kill between this send
-        # and the next checkpoint can send this round's update again after a restart.
-        # The aggregator then rejects the second copy as a duplicate or a stale update.
         self.last_update_round = round_id
+        self.rounds.write(SiteState(round_id))
         self.counters.updates_sent += 1
         self._log.info(
             "update_sent",
@@ -374,10 +390,21 @@ class ModalityEdgeClient(ServiceLifecycle):
     async def _load_state(self) -> None:
         """Restore the checkpoint when this process may; otherwise load the open traces."""
         checkpoint = self.checkpoints.read()
-        if checkpoint is not None and checkpoint.global_version >= 0:
+        self.last_update_round = await self.rounds.last_sent(
+            -1 if checkpoint is None else checkpoint.last_update_round
+        )
+        checkpoint_version = -1 if checkpoint is None else checkpoint.global_version
+        if self.last_update_round >= 0 or checkpoint_version >= 0:
             latest = await self._global.catch_up()
             newest = -1 if latest is None else latest.version
-            if not self.checkpoints.lineage_fits(checkpoint, newest):
+            if newest < self.last_update_round:
+                self._log.warning(
+                    "edge_state_ignored",
+                    last_update_round=self.last_update_round,
+                    newest_version=newest,
+                )
+                self.last_update_round = -1
+            if checkpoint is not None and not self.checkpoints.lineage_fits(checkpoint, newest):
                 checkpoint = None
         if checkpoint is not None and self._restore(checkpoint):
             return
@@ -395,7 +422,7 @@ class ModalityEdgeClient(ServiceLifecycle):
         if not self.checkpoints.restore(checkpoint, self.pipeline.restore):
             return False
         self.global_version = checkpoint.global_version
-        self.last_update_round = checkpoint.last_update_round
+        self.last_update_round = max(self.last_update_round, checkpoint.last_update_round)
         if isinstance(self.pipeline, LogsPipeline):
             self._save_templates()
             restored = {"templates": self.pipeline.featurizer.miner.template_count}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import Awaitable
 from typing import Protocol, Self
 
 import structlog
@@ -44,6 +46,70 @@ class ServiceLifecycle:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+class SteppedService(ServiceLifecycle):
+    """A service whose ``run`` repeats ``step`` and whose stop is bounded in time.
+
+    A stop request lets the step in progress finish for up to ``stop_timeout_s``. A step still
+    blocked after that (for example on a broker that is down) is cancelled. ``_close`` bounds
+    the close of one Kafka client the same way.
+    """
+
+    def __init__(self, stop_timeout_s: float, logger: structlog.typing.FilteringBoundLogger):
+        super().__init__()
+        self.stop_timeout_s = stop_timeout_s
+        self._service_log = logger
+
+    async def step(self) -> int:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        """Call ``step`` until ``request_stop``; a step's error ends the run."""
+        while not self._stopping.is_set():
+            step = asyncio.create_task(self.step())
+            try:
+                await self._wait_for_step(step)
+            finally:
+                if not step.done():
+                    step.cancel()
+            if not step.cancelled():
+                step.result()
+
+    async def _wait_for_step(self, step: asyncio.Task[int]) -> None:
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({step, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if step.done():
+            return
+        await asyncio.wait({step}, timeout=self.stop_timeout_s)
+        if step.done():
+            return
+        self._service_log.error("edge_step_abandoned", timeout_s=self.stop_timeout_s)
+        step.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await step
+
+    async def _close(self, name: str, closing: Awaitable[None]) -> None:
+        """Await ``closing`` for at most ``stop_timeout_s``; log instead of raising."""
+        try:
+            await asyncio.wait_for(closing, self.stop_timeout_s)
+        except TimeoutError:
+            self._service_log.error(
+                "kafka_client_close_timed_out", client=name, timeout_s=self.stop_timeout_s
+            )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # NOTE: aiokafka 0.14.0's Fetcher.close() awaits the fetch tasks it has just
+            # cancelled without catching CancelledError, so a consumer whose broker is down
+            # can raise it from stop(). The consumer is marked closed before that point.
+            self._service_log.error(
+                "kafka_client_close_failed", client=name, error="CancelledError"
+            )
 
 
 async def run_until_signalled(service: Service, name: str, stop_timeout_s: float = 30.0) -> None:

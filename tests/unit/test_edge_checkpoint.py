@@ -294,8 +294,8 @@ def test_client_with_unusable_state_dir_goes_on(tmp_path: Path) -> None:
     config = _config("baseline", state_dir=str(blocker / "state"))
     client = EdgeClient(config, site="site-a", sources=list(SOURCES))
     assert client.checkpoints.read() is None
-    client._write_site_state(SiteState(last_update_round=4))
-    assert client._read_site_state() == SiteState()
+    client.rounds.write(SiteState(last_update_round=4))
+    assert client.rounds.read() == SiteState()
 
 
 def test_client_skips_unfit_checkpoint_state(tmp_path: Path) -> None:
