@@ -29,7 +29,10 @@ from fanomad_stream.config import AppConfig, KafkaSettings
 from fanomad_stream.demo_multimodal import running_services
 from fanomad_stream.edge.client import EdgeClient
 from fanomad_stream.federate.aggregator import Aggregator
+from fanomad_stream.modalities import modality_config
+from fanomad_stream.replay.logs import END_EVENT, interleave_sessions, read_hdfs_sessions
 from fanomad_stream.replay.smd import REPO_ROOT, ReplayReport, replay_smd
+from fanomad_stream.replay.streams import LOGHUB_DIR, replay_logs
 from fanomad_stream.transport.reader import read_topic
 from fanomad_stream.transport.topics import apply_catalog, load_catalog
 from tests.conftest import make_config, wait_until
@@ -72,10 +75,14 @@ def _write_config(path: Path, kafka: KafkaSettings, sections: dict[str, Any]) ->
     return path
 
 
-def _spawn_edge(config_path: Path, log_path: Path, sources: list[str]) -> subprocess.Popen[bytes]:
+def _spawn_edge(
+    config_path: Path, log_path: Path, sources: list[str], modality: str = "metrics"
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "fanomad_stream.cli", "--log-json"]
-    command += ["--config", str(config_path), "edge", "--site", SITE, "--sources", *sources]
+    command += ["--config", str(config_path), "edge", "--site", SITE, "--modality", modality]
+    if sources:
+        command += ["--sources", *sources]
     with log_path.open("ab") as out:
         return subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
@@ -203,6 +210,11 @@ async def _run_edge_kill_trial(
     assert max(updates.values()) == 1, (
         f"rounds sent twice: {[k for k, n in updates.items() if n > 1]}"
     )
+    _check_restored(logs)
+
+
+def _check_restored(logs: list[Path]) -> None:
+    """Check that every run after a written checkpoint restored one instead of warming up."""
     restored = 0
     for i, log_path in enumerate(logs[1:], start=1):
         if any(_has_event(earlier, "edge_checkpoint_written") for earlier in logs[:i]):
@@ -374,3 +386,101 @@ async def test_cli_edge_exits_on_sigterm_while_broker_down(
             process.wait()
     assert returncode == 0, log_path.read_text()[-3000:]
     assert _has_event(log_path, "edge_stopped")
+
+
+HDFS_SESSIONS = LOGHUB_DIR / "HDFS_sessions_deeplog"
+
+
+def _logs_sections(state_dir: Path) -> dict[str, Any]:
+    return {
+        "edge": {
+            "window_events": 100,
+            "max_batch_records": 200,
+            "hst_window": 50,
+            "hst_trees": 10,
+            "threshold": {"warmup_events": 50, "quantile": 0.97},
+            "state_dir": str(state_dir),
+            "checkpoint_interval_s": 0.5,
+            "stop_timeout_s": 10,
+        },
+        "logs": {
+            "state_dir": str(state_dir / "drain3"),
+            "n_buckets": 256,
+            "window_s": 100_000,
+            "session_end_event": "end",
+            "model": {"kind": "mlp_autoencoder", "hidden": [32, 8], "seed": 7},
+        },
+        "aggregator": {"quorum": 1, "round_deadline_s": 30, "clients": [SITE]},
+    }
+
+
+async def _run_logs_kill_trial(
+    tmp_path: Path, kafka: KafkaSettings, *, kills: int, seed: int
+) -> None:
+    """Kill a logs edge client scoring HDFS sessions, restart it, and check the guarantees."""
+    sections = _logs_sections(tmp_path / "state")
+    config_path = _write_config(tmp_path / "edge.yaml", kafka, sections)
+    config = make_config(kafka, **sections)
+    sessions = read_hdfs_sessions(HDFS_SESSIONS, max_normal=700, max_abnormal=30)
+    dataset = interleave_sessions(sessions, concurrency=20, seed=seed)
+    # One score per block, at the index of its end line.
+    expected = {
+        (record.source, index)
+        for index, record in enumerate(dataset.records)
+        if record.event == END_EVENT
+    }
+    rng = random.Random(seed)
+    aggregator = Aggregator(modality_config(config, "logs"))
+    logs: list[Path] = []
+    async with running_services(aggregator):
+        # About 15,000 lines in about 25 s.
+        replay = asyncio.create_task(
+            replay_logs(kafka, dataset, events_per_s=600.0, progress=False)
+        )
+        for kill in range(kills):
+            logs.append(tmp_path / f"edge-{kill}.log")
+            process = _spawn_edge(config_path, logs[-1], [], modality="logs")
+            trigger = rng.choice(["partitions_assigned", "edge_checkpoint_written", "update_sent"])
+            await _wait_for_event(logs[-1], trigger, process)
+            await asyncio.sleep(rng.uniform(0.0, 2.0))
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        logs.append(tmp_path / "edge-final.log")
+        process = _spawn_edge(config_path, logs[-1], [], modality="logs")
+        try:
+            await replay
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 180
+            while missing := expected - set(await _scored(kafka)):
+                assert loop.time() < deadline, (
+                    f"{len(missing)} sessions never scored, e.g. {sorted(missing)[:5]}"
+                )
+                await asyncio.sleep(2.0)
+            await _check_folded_once(kafka, aggregator)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            returncode = process.wait(timeout=60)
+    assert returncode == 0, logs[-1].read_text()[-3000:]
+
+    updates = await _updates_per_round(kafka)
+    assert updates, "the site sent no update"
+    assert max(updates.values()) == 1, (
+        f"rounds sent twice: {[k for k, n in updates.items() if n > 1]}"
+    )
+    _check_restored(logs)
+
+
+@pytest.mark.skipif(not HDFS_SESSIONS.is_dir(), reason="DeepLog sessions not found beside checkout")
+async def test_killed_logs_edge_resumes_from_checkpoint(
+    tmp_path: Path, topics: KafkaSettings
+) -> None:
+    """Two SIGKILLs of a logs client on HDFS sessions: every block scored, no round twice."""
+    await _run_logs_kill_trial(tmp_path, topics, kills=2, seed=5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HDFS_SESSIONS.is_dir(), reason="DeepLog sessions not found beside checkout")
+@pytest.mark.parametrize("trial", range(10))
+async def test_killed_logs_edge_trials(tmp_path: Path, topics: KafkaSettings, trial: int) -> None:
+    """Each of 10 trials kills the logs client twice at its own random points."""
+    await _run_logs_kill_trial(tmp_path, topics, kills=2, seed=300 + trial)
