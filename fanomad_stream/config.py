@@ -103,6 +103,17 @@ class ModelSettings(_Section):
     train_prefixes: bool = False
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _prefixes_need_a_sequence(self) -> ModelSettings:
+        if self.train_prefixes and self.kind == "mlp_autoencoder":
+            msg = (
+                "train_prefixes applies to lstm_autoencoder and transformer_autoencoder, which "
+                "score windows of rows; mlp_autoencoder scores single rows, so remove "
+                "train_prefixes or choose a sequence kind"
+            )
+            raise ValueError(msg)
+        return self
+
 
 class ThresholdSettings(_Section):
     """Per-source alert threshold, fitted on past scores only.
@@ -305,6 +316,17 @@ class LogsSettings(_Section):
     # because the checkpoint there contains them.
     state_dir: Path = Path("state")
 
+    @model_validator(mode="after")
+    def _session_windows_need_the_mlp(self) -> LogsSettings:
+        if self.session_end_event is not None and self.model.kind != "mlp_autoencoder":
+            msg = (
+                f"logs.session_end_event closes the windows that mlp_autoencoder scores, but "
+                f"logs.model.kind {self.model.kind!r} scores every line and has no windows; "
+                "remove logs.session_end_event or set logs.model.kind to mlp_autoencoder"
+            )
+            raise ValueError(msg)
+        return self
+
 
 class TracesSettings(_Section):
     """The traces modality: assembly limits and the model of the traces federation.
@@ -389,6 +411,13 @@ class LogDemoSettings(_Section):
             msg = (
                 "log_demo.single_stream must be false for hdfs_sessions: each block session "
                 "is its own source"
+            )
+            raise ValueError(msg)
+        if self.dataset == "hdfs_sessions" and self.limit is not None:
+            msg = (
+                "log_demo.limit would cut the hdfs_sessions replay inside the warm-up sessions "
+                "and in the middle of blocks; remove it and size the replay with "
+                "log_demo.sessions (warmup_sessions, normal_sessions, anomalous_sessions)"
             )
             raise ValueError(msg)
         return self

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from fanomad_stream.replay import streams
 from fanomad_stream.replay.logs import (
     END_EVENT,
     LogDataset,
+    LogRecord,
     interleave_sessions,
     read_hdfs_sessions,
 )
@@ -118,9 +120,34 @@ def load_demo_dataset(config: AppConfig) -> LogDataset:
     records = dataset.records[: settings.limit]
     if settings.single_stream:
         records = [replace(record, source=dataset.name) for record in records]
+    if scores_sessions(config):
+        _check_session_windows(config, records)
     labels = None if dataset.labels is None else dataset.labels[: settings.limit]
     categories = None if dataset.categories is None else dataset.categories[: settings.limit]
     return LogDataset(dataset.name, records, labels, categories)
+
+
+def _check_session_windows(config: AppConfig, records: list[LogRecord]) -> None:
+    """Raise ConfigError unless only a session's end line can close its window.
+
+    A window that closes by time or by size splits its session into several scores, and
+    the evaluation expects one per session.
+    """
+    span_s = records[-1].ts - records[0].ts if records else 0.0
+    if config.logs.window_s <= span_s:
+        msg = (
+            f"logs.window_s is {config.logs.window_s:g} s, but the session replay spans "
+            f"{span_s:g} s (one line per second), so sessions would be cut by time; set "
+            f"logs.window_s above {span_s:g}"
+        )
+        raise ConfigError(msg)
+    longest = max(Counter(record.source for record in records).values(), default=0)
+    if config.logs.max_lines < longest:
+        msg = (
+            f"logs.max_lines is {config.logs.max_lines}, but the longest session has {longest} "
+            f"lines and would be cut; set logs.max_lines to at least {longest}"
+        )
+        raise ConfigError(msg)
 
 
 def session_dataset(folder: Path, settings: SessionReplaySettings) -> LogDataset:
@@ -140,7 +167,8 @@ def session_dataset(folder: Path, settings: SessionReplaySettings) -> LogDataset
         msg = (
             f"log_demo.sessions asks for {normal_needed} normal and "
             f"{settings.anomalous_sessions} anomalous sessions, but {folder} holds "
-            f"{len(normal)} and {len(anomalous)}; lower the counts"
+            f"{len(normal)} and {len(anomalous)}; lower warmup_sessions + normal_sessions to "
+            f"at most {len(normal)} and anomalous_sessions to at most {len(anomalous)}"
         )
         raise ConfigError(msg)
     rng = np.random.default_rng(settings.seed)

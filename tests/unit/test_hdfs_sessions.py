@@ -266,3 +266,45 @@ class TestDemoSettings:
         config = parse_config(hdfs_demo(warmup_sessions=4000, normal_sessions=4000))
         with pytest.raises(ConfigError, match="asks for 8000 normal and 100 anomalous sessions"):
             load_demo_dataset(config)
+        with pytest.raises(
+            ConfigError, match=r"lower warmup_sessions \+ normal_sessions to at most"
+        ):
+            load_demo_dataset(config)
+
+    def test_session_end_with_sequence_model_is_rejected(self) -> None:
+        raw = {"logs": {"session_end_event": "end", "model": {"kind": "lstm_autoencoder"}}}
+        with pytest.raises(ConfigError, match=r"remove logs\.session_end_event") as caught:
+            parse_config(raw)
+        assert "'lstm_autoencoder' scores every line" in str(caught.value)
+
+    def test_prefix_training_with_mlp_is_rejected(self) -> None:
+        raw = {"logs": {"model": {"kind": "mlp_autoencoder", "train_prefixes": True}}}
+        with pytest.raises(ConfigError, match=r"logs\.model: .*remove train_prefixes"):
+            parse_config(raw)
+
+    def test_line_limit_on_sessions_is_rejected(self) -> None:
+        raw = hdfs_demo()
+        raw["log_demo"]["limit"] = 2000  # type: ignore[index]
+        with pytest.raises(ConfigError, match=r"log_demo\.limit would cut the hdfs_sessions"):
+            parse_config(raw)
+
+    @pytest.mark.skipif(not (SESSIONS / "HDFS_sessions_deeplog").is_dir(), reason="no sessions")
+    @pytest.mark.parametrize(
+        ("logs", "message"),
+        [
+            ({"window_s": 100}, r"logs\.window_s is 100 s, but the session replay spans"),
+            ({"max_lines": 2}, r"logs\.max_lines is 2, but the longest session has"),
+        ],
+    )
+    def test_session_windows_must_hold_whole_sessions(
+        self, logs: dict[str, object], message: str
+    ) -> None:
+        raw = hdfs_demo(warmup_sessions=30, normal_sessions=20, anomalous_sessions=5)
+        raw["logs"] = {
+            "window_s": 1e6,
+            "session_end_event": "end",
+            "model": {"kind": "mlp_autoencoder"},
+            **logs,
+        }
+        with pytest.raises(ConfigError, match=message):
+            load_demo_dataset(parse_config(raw))
