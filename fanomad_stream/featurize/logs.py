@@ -12,19 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 from drain3 import TemplateMiner
-from drain3.drain import Drain
+from drain3.drain import Drain, Node
 from drain3.masking import MaskingInstruction
 from drain3.persistence_handler import PersistenceHandler
 from drain3.template_miner_config import TemplateMinerConfig
 
 from fanomad_stream.replay.logs import LogRecord
+
+log = structlog.get_logger(__name__)
 
 ERROR_LEVELS = frozenset({"ERROR", "FATAL", "SEVERE", "CRITICAL", "FAILURE", "PANIC"})
 
@@ -90,7 +94,8 @@ class LogTemplateMiner:
         File holding this client's drain3 state, or None to keep it in memory only. The
         state is saved whenever a template is created or changes, and by ``save``. The event
         ids of pre-parsed records (``LogRecord.event``) are kept beside it, in
-        ``<stem>-events.json``.
+        ``<stem>-events.json``. A file that fails to load is moved to ``<name>.rejected``
+        with a warning, and the miner starts without its templates or event ids.
     n_buckets
         Width of the hashed template vocabulary. Must be >= 1.
     similarity_threshold
@@ -131,7 +136,7 @@ class LogTemplateMiner:
         config.drain_max_clusters = max_templates
         config.masking_instructions = [MaskingInstruction(p, name) for p, name in DEFAULT_MASKS]
         self._persistence = None if state_path is None else AtomicFilePersistence(state_path)
-        self._miner = TemplateMiner(self._persistence, config)
+        self._miner = self._load_miner(config)
         self._events_path = (
             None if state_path is None else state_path.with_name(f"{state_path.stem}-events.json")
         )
@@ -139,6 +144,26 @@ class LogTemplateMiner:
         # first sight), so they never clash with drain3's positive ones.
         self.events: dict[str, int] = self._load_events()
         self.events_dropped = 0
+
+    def _load_miner(self, config: TemplateMinerConfig) -> TemplateMiner:
+        """Build drain3's miner from the state file, or empty when the file is unusable.
+
+        An unusable file is moved aside (see ``_set_aside``), so the client starts with no
+        templates instead of failing at every start.
+        """
+        if self._persistence is None:
+            return TemplateMiner(None, config)
+        try:
+            miner = TemplateMiner(self._persistence, config)
+            if not isinstance(miner.drain.root_node, Node):
+                root = type(miner.drain.root_node).__name__
+                msg = f"the state's root node is a {root}, expected a drain3.drain.Node"
+                raise TypeError(msg)
+        except _DRAIN3_STATE_ERRORS as err:
+            self._set_aside(self._persistence.path, err)
+            miner = TemplateMiner(None, config)
+            miner.persistence_handler = self._persistence
+        return miner
 
     @property
     def template_count(self) -> int:
@@ -181,18 +206,42 @@ class LogTemplateMiner:
         )
 
     def _load_events(self) -> dict[str, int]:
-        if self._events_path is None or not self._events_path.is_file():
+        """Read the event ids, or start with none when the file is missing or unusable."""
+        path = self._events_path
+        if path is None or not path.is_file():
             return {}
         try:
-            loaded = json.loads(self._events_path.read_text(encoding="utf-8"))
-            events = {str(event): int(cluster) for event, cluster in loaded.items()}
-        except (ValueError, AttributeError) as err:
-            msg = (
-                f"event id file {self._events_path} is not a JSON object of event ids; "
-                "delete it to start the event ids afresh"
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            return checked_events(loaded, self.max_templates)
+        except (OSError, ValueError) as err:
+            self._set_aside(path, err)
+            return {}
+
+    @staticmethod
+    def _set_aside(path: Path, error: Exception) -> None:
+        """Move an unusable state file to ``<name>.rejected`` and log why.
+
+        The file is kept for inspection, and the next save writes a fresh one in its place.
+        """
+        rejected = path.with_name(path.name + ".rejected")
+        try:
+            os.replace(path, rejected)
+        except OSError as move_error:
+            log.error(
+                "log_template_state_rejected",
+                path=str(path),
+                error=f"{type(error).__name__}: {error}",
+                move_error=str(move_error),
+                detail="starting without this state; the next save overwrites the file",
             )
-            raise ValueError(msg) from err
-        return events
+            return
+        log.warning(
+            "log_template_state_rejected",
+            path=str(path),
+            moved_to=str(rejected),
+            error=f"{type(error).__name__}: {error}",
+            detail="starting without this state",
+        )
 
     def _save_events(self) -> None:
         if self._events_path is None:
@@ -236,10 +285,47 @@ class LogTemplateMiner:
                 "expected a drain3.drain.Drain and a dict of event ids"
             )
             raise TypeError(msg)
+        events = checked_events(events, self.max_templates)
         events_dropped = int(state["events_dropped"])
         self._miner.drain = drain
         self.events = events
         self.events_dropped = events_dropped
+
+
+# What drain3 0.9's load_state raises on a damaged file: base64 (binascii.Error is a
+# ValueError), zlib, JSON, and jsonpickle building objects of the wrong shape.
+_DRAIN3_STATE_ERRORS = (
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    zlib.error,
+)
+
+
+def checked_events(loaded: object, max_events: int | None) -> dict[str, int]:
+    """Return ``loaded`` as a map of event id to cluster id; raise ValueError if it is not one.
+
+    The cluster ids must be -1, -2, ... -n, as ``LogTemplateMiner`` assigns them, because the
+    next new event takes -(n + 1). At most ``max_events`` ids are accepted.
+    """
+    if not isinstance(loaded, dict):
+        msg = f"event ids must be a JSON object of event id to cluster id, got {type(loaded).__name__}"
+        raise ValueError(msg)
+    if max_events is not None and len(loaded) > max_events:
+        msg = f"{len(loaded)} event ids is above the bound of {max_events}"
+        raise ValueError(msg)
+    for event, cluster in loaded.items():
+        if not isinstance(event, str) or not isinstance(cluster, int) or isinstance(cluster, bool):
+            msg = f"event id {event!r} maps to {cluster!r}; expected a string and an integer"
+            raise ValueError(msg)
+    clusters = sorted(loaded.values(), reverse=True)
+    if clusters != list(range(-1, -len(loaded) - 1, -1)):
+        msg = f"cluster ids of events must be -1 to -{len(loaded)}, each once"
+        raise ValueError(msg)
+    return dict(loaded)
 
 
 def feature_names(n_buckets: int) -> list[str]:

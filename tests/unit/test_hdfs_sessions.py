@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from fanomad_stream.config import parse_config
 from fanomad_stream.demo_logs import (
@@ -101,11 +104,66 @@ class TestEventIds:
         assert (line.cluster_id, line.is_new) == (-1, False)
         assert again.mine(LogRecord(0.0, "b", "", event="11")).cluster_id == -2
 
-    def test_unreadable_event_file_names_the_file(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize(
+        "content",
+        [
+            "[1, 2]",
+            "null",
+            "{not json",
+            '{"5": [1]}',
+            '{"5": "x"}',
+            '{"5": 1e400}',
+            '{"5": true}',
+            '{"5": -1, "22": -1}',
+            '{"5": 4}',
+            '{"5": -1, "22": -3}',
+            '{"1": -1, "2": -2, "3": -3}',
+        ],
+    )
+    def test_unusable_event_file_is_set_aside(self, tmp_path: Path, content: str) -> None:
+        """A damaged or hand-edited event file is moved aside, and the ids start afresh."""
+        events = tmp_path / "drain3-events.json"
+        events.write_text(content)
+        with capture_logs() as logs:
+            miner = LogTemplateMiner(tmp_path / "drain3.json", max_templates=2)
+        assert miner.events == {}
+        assert not events.exists()
+        assert (tmp_path / "drain3-events.json.rejected").read_text() == content
+        (entry,) = [e for e in logs if e["event"] == "log_template_state_rejected"]
+        assert entry["log_level"] == "warning"
+        assert entry["path"] == str(events)
+        line = miner.mine(LogRecord(0.0, "a", "", event="5"))
+        assert (line.cluster_id, line.is_new) == (-1, True)
+        assert json.loads(events.read_text()) == {"5": -1}
+
+    @pytest.mark.parametrize(
+        "content",
+        [
+            b"garbage",
+            b"",
+            base64.b64encode(zlib.compress(b"[1, 2]")),  # drain3's encoding, a list inside
+            base64.b64encode(zlib.compress(b'{"root_node": 1, "id_to_cluster": {}}')),
+            base64.b64encode(zlib.compress(b'{"py/object": "drain3.drain.Drain", "root_node": 1}')),
+        ],
+    )
+    def test_unusable_drain3_file_is_set_aside(self, tmp_path: Path, content: bytes) -> None:
+        """A drain3 file that fails to load is moved aside, and mining starts afresh."""
         state = tmp_path / "drain3.json"
-        (tmp_path / "drain3-events.json").write_text("[1, 2]")
-        with pytest.raises(ValueError, match=r"drain3-events\.json is not a JSON object"):
-            LogTemplateMiner(state)
+        state.write_bytes(content)
+        with capture_logs() as logs:
+            miner = LogTemplateMiner(state)
+        assert miner.template_count == 0
+        assert (tmp_path / "drain3.json.rejected").read_bytes() == content
+        assert [e["event"] for e in logs] == ["log_template_state_rejected"]
+        miner.mine(LogRecord(0.0, "a", "disk sda ok"))
+        assert LogTemplateMiner(state).template_count == 1
+
+    def test_restore_rejects_hand_edited_event_ids(self) -> None:
+        miner = LogTemplateMiner(None)
+        miner.mine(LogRecord(0.0, "a", "", event="5"))
+        state = {**miner.snapshot(), "events": {"5": -1, "22": -7}}
+        with pytest.raises(ValueError, match="must be -1 to -2, each once"):
+            LogTemplateMiner(None).restore(state)
 
     def test_events_past_the_bound_are_counted_not_kept(self, tmp_path: Path) -> None:
         miner = LogTemplateMiner(tmp_path / "d.json", max_templates=2)

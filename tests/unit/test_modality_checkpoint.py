@@ -485,6 +485,56 @@ async def test_client_rejects_state_of_other_shape(tmp_path: Path) -> None:
     client.checkpoints.release()
 
 
+async def test_client_restores_over_damaged_template_files(tmp_path: Path) -> None:
+    """Damaged drain3 and event files are set aside, and the checkpoint rewrites both."""
+    config = _logs_config("mlp")
+    first = _client(config, tmp_path, "logs")
+    assert isinstance(first.pipeline, LogsPipeline)
+    _run(first.pipeline, _batches(_log_lines(300)))
+    await _write_from(first, {TopicPartition("logs.raw", 0): 300})
+    miner = first.pipeline.featurizer.miner
+    drain3_file = tmp_path / "logs" / SITE / "drain3.json"
+    events_file = tmp_path / "logs" / SITE / "drain3-events.json"
+    drain3_file.write_bytes(b"not base64")
+    events_file.write_text('{"5": "not a cluster id"}')
+
+    with structlog.testing.capture_logs() as logs:
+        second = _client(config, tmp_path, "logs")
+        await second._load_state()
+    rejected = [entry["path"] for entry in logs if entry["event"] == "log_template_state_rejected"]
+    assert rejected == [str(drain3_file), str(events_file)]
+    assert second.checkpoints.restored is not None
+    assert isinstance(second.pipeline, LogsPipeline)
+    assert second.pipeline.featurizer.miner.events == miner.events
+    on_disk = LogTemplateMiner(drain3_file, n_buckets=config.logs.n_buckets)
+    assert on_disk.template_count == miner.template_count
+    assert on_disk.events == miner.events
+    second.checkpoints.release()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\xc1 not msgpack", msgpack.packb([1, 2]), msgpack.packb({"assemblers": {0: "x"}})],
+)
+async def test_damaged_trace_file_is_set_aside(tmp_path: Path, content: bytes) -> None:
+    """A traces.msgpack that fails to load is moved aside, and the client starts empty."""
+    config = _traces_config("mlp")
+    client = _client(config, tmp_path, "traces", checkpoints=False)
+    client._traces_state.parent.mkdir(parents=True)
+    client._traces_state.write_bytes(content)
+    with structlog.testing.capture_logs() as logs:
+        await client._load_state()
+    (entry,) = [entry for entry in logs if entry["event"] == "trace_state_rejected"]
+    assert entry["log_level"] == "warning"
+    assert entry["path"] == str(client._traces_state)
+    assert not client._traces_state.exists()
+    rejected = client._traces_state.with_name("traces.msgpack.rejected")
+    assert rejected.read_bytes() == content
+    assert isinstance(client.pipeline, TracesPipeline)
+    assert client.pipeline.open_traces == 0
+    assert client.pipeline.assemblers == {}
+
+
 def _trace_file_state(config: AppConfig) -> tuple[TracesPipeline, bytes]:
     pipeline = TracesPipeline(config)
     _run(pipeline, _batches(_trace_spans(100)))
