@@ -303,9 +303,11 @@ class LogsSettings(_Section):
     n_buckets: int = Field(default=64, ge=1, le=65_536)
     window_s: float = Field(default=60.0, gt=0)
     max_lines: int = Field(default=10_000, ge=1)
-    # Sources whose recent lines a sequence model keeps; the least recently seen source is
-    # dropped past this, and the drop is counted. A dropped source that writes again starts a
-    # fresh window.
+    # Sources a site keeps state for: a sequence model's recent lines of each source, or the
+    # MLP's open window, scaler, threshold and window count of each. Past this, the least
+    # recently seen source is dropped and counted, and the MLP scores its open window early.
+    # A dropped source that writes again starts afresh, so more active sources than this
+    # never warm up.
     max_sources: int = Field(default=10_000, ge=1)
     # A line with this event id (LogRecord.event) closes its source's window, so a window
     # holds one session, such as an HDFS block. The MLP then scores each session's count

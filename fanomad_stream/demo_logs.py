@@ -77,7 +77,8 @@ class LogDemoResult:
     seconds: float
     global_version: int  # -1 when no round completed
     sessions: list[SessionRow] = field(default_factory=list)  # hdfs_sessions only
-    sources_dropped: int = 0  # per-source windows the clients dropped at logs.max_sources
+    sources_dropped: int = 0  # sources whose state the clients dropped at logs.max_sources
+    windows_evicted: int = 0  # windows scored early because logs.max_sources were open
 
 
 def load_demo_dataset(config: AppConfig) -> LogDataset:
@@ -301,6 +302,7 @@ async def replay_and_evaluate(
     session_table = (
         session_scorer_rows(labels_counted, groups_counted, counted_scorers) if sessions else []
     )
+    pipelines = [c.pipeline for c in clients if isinstance(c.pipeline, LogsPipeline)]
     # The session MLP scores once per session, at the session's end line.
     expected = (
         int(np.unique(window_ids).shape[0]) if scores_sessions(config) else len(dataset.records)
@@ -312,11 +314,8 @@ async def replay_and_evaluate(
         seconds=seconds,
         global_version=aggregator.model.version if aggregator.model else -1,
         sessions=session_table,
-        sources_dropped=sum(
-            client.pipeline.sources_dropped
-            for client in clients
-            if isinstance(client.pipeline, LogsPipeline)
-        ),
+        sources_dropped=sum(pipeline.sources_dropped for pipeline in pipelines),
+        windows_evicted=sum(pipeline.windows_evicted for pipeline in pipelines),
     )
 
 
@@ -349,8 +348,8 @@ def _report(config: AppConfig, dataset: LogDataset, result: LogDemoResult) -> in
     print(
         f"\nScored {result.scored} of {result.lines} {dataset.name} {counted} in "
         f"{result.seconds:.1f} s on {config.log_demo.sites} site(s); {unit}; "
-        f"global model version: {result.global_version}; per-source windows dropped at "
-        f"logs.max_sources: {result.sources_dropped}."
+        f"global model version: {result.global_version}; at logs.max_sources, sources "
+        f"dropped: {result.sources_dropped}, windows scored early: {result.windows_evicted}."
     )
     print(f"Results: {out_dir / (dataset.name + '.md')}")
     if result.scored != result.lines:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,11 +368,16 @@ def line_vectors(lines: Sequence[MinedLine], n_buckets: int) -> np.ndarray:
 
 @dataclass
 class LogWindow:
-    """The lines of one source in one window [start, start + length)."""
+    """The lines of one source in one window [start, start + length).
+
+    ``ref`` is what the caller passed with the window's last line, such as its stream index
+    and offset, or None.
+    """
 
     source: str
     start: float
     lines: list[MinedLine] = field(default_factory=list)
+    ref: object = None
 
 
 class LogWindower:
@@ -381,22 +387,42 @@ class LogWindower:
     reaches ``max_lines``, or with a line whose event is ``end_event`` (the end of a session).
     Lines that arrive late for a window that already closed join the source's current window,
     and ``late_lines`` counts them. ``flush`` closes every open window.
+
+    At most ``max_open`` windows are open: a line of a new source past that closes the
+    window whose source wrote least recently, and ``evicted`` counts those windows. Without
+    the bound, every source that stops writing (an HDFS block that never sends its end line)
+    would keep its window in memory for good.
     """
 
     def __init__(
-        self, window_s: float, *, max_lines: int = 10_000, end_event: str | None = None
+        self,
+        window_s: float,
+        *,
+        max_lines: int = 10_000,
+        end_event: str | None = None,
+        max_open: int | None = None,
     ) -> None:
-        if window_s <= 0 or max_lines < 1:
-            msg = f"window_s must be > 0 and max_lines >= 1, got {window_s!r}, {max_lines!r}"
+        if window_s <= 0 or max_lines < 1 or (max_open is not None and max_open < 1):
+            msg = (
+                "window_s must be > 0, max_lines >= 1 and max_open >= 1 or None, got "
+                f"{window_s!r}, {max_lines!r}, {max_open!r}"
+            )
             raise ValueError(msg)
         self.window_s = window_s
         self.max_lines = max_lines
         self.end_event = end_event
+        self.max_open = max_open
         self.late_lines = 0
-        self._open: dict[str, LogWindow] = {}
+        self.evicted = 0
+        # Least recently written source first.
+        self._open: OrderedDict[str, LogWindow] = OrderedDict()
 
-    def add(self, line: MinedLine) -> list[LogWindow]:
-        """Add one line and return the windows it closed (at most one)."""
+    @property
+    def open_windows(self) -> int:
+        return len(self._open)
+
+    def add(self, line: MinedLine, ref: object = None) -> list[LogWindow]:
+        """Add one line and return the windows it closed (at most two with an eviction)."""
         source, ts = line.record.source, line.record.ts
         start = ts - ts % self.window_s
         current = self._open.get(source)
@@ -405,10 +431,16 @@ class LogWindower:
             closed.append(self._open.pop(source))
             current = None
         if current is None:
+            if self.max_open is not None and len(self._open) >= self.max_open:
+                closed.append(self._open.popitem(last=False)[1])
+                self.evicted += 1
             current = self._open[source] = LogWindow(source, start)
-        elif start < current.start:
-            self.late_lines += 1
+        else:
+            self._open.move_to_end(source)
+            if start < current.start:
+                self.late_lines += 1
         current.lines.append(line)
+        current.ref = ref
         ends_session = self.end_event is not None and line.record.event == self.end_event
         if ends_session or len(current.lines) >= self.max_lines:
             closed.append(self._open.pop(source))
@@ -422,13 +454,14 @@ class LogWindower:
 
 @dataclass(frozen=True)
 class LogWindowFeatures:
-    """The feature vector of one closed window of one source."""
+    """The feature vector of one closed window of one source, and its ``LogWindow.ref``."""
 
     source: str
     start: float
     end: float
     lines: int
     vector: np.ndarray
+    ref: object = None
 
 
 class LogFeaturizer:
@@ -450,6 +483,8 @@ class LogFeaturizer:
         A window closes early once it contains this many lines. >= 1.
     end_event
         A line with this event id closes its source's window (see ``LogWindower``), or None.
+    max_open
+        Most windows open at once, or None; past it the least recently written one closes.
     """
 
     def __init__(
@@ -460,12 +495,15 @@ class LogFeaturizer:
         window_s: float = 60.0,
         max_lines: int = 10_000,
         end_event: str | None = None,
+        max_open: int | None = None,
     ) -> None:
         self.n_buckets = n_buckets
         self.window_s = window_s
         self.max_lines = max_lines
         self.miner = LogTemplateMiner(state_path, n_buckets=n_buckets)
-        self.windower = LogWindower(window_s, max_lines=max_lines, end_event=end_event)
+        self.windower = LogWindower(
+            window_s, max_lines=max_lines, end_event=end_event, max_open=max_open
+        )
 
     @property
     def n_features(self) -> int:
@@ -475,9 +513,12 @@ class LogFeaturizer:
     def n_line_features(self) -> int:
         return self.n_buckets + 2
 
-    def add(self, record: LogRecord) -> tuple[MinedLine, list[LogWindowFeatures]]:
+    def add(
+        self, record: LogRecord, ref: object = None
+    ) -> tuple[MinedLine, list[LogWindowFeatures]]:
+        """Mine ``record`` and window it; ``ref`` comes back with the window it ends up last in."""
         line = self.miner.mine(record)
-        return line, [self._features(window) for window in self.windower.add(line)]
+        return line, [self._features(window) for window in self.windower.add(line, ref)]
 
     def flush(self) -> list[LogWindowFeatures]:
         """Close every open window (at shutdown or the end of a replay) and save the miner state."""
@@ -487,5 +528,10 @@ class LogFeaturizer:
     def _features(self, window: LogWindow) -> LogWindowFeatures:
         vector = window_vector(window.lines, self.window_s, self.n_buckets)
         return LogWindowFeatures(
-            window.source, window.start, window.start + self.window_s, len(window.lines), vector
+            window.source,
+            window.start,
+            window.start + self.window_s,
+            len(window.lines),
+            vector,
+            window.ref,
         )

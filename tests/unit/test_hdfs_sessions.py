@@ -222,6 +222,81 @@ class TestSessionWindows:
         assert pipeline.sources_dropped == 2  # a, then b
         assert pipeline.contexts["a"].seen == 1  # "a" came back with a fresh window
 
+    def test_sequence_model_keeps_no_windows(self) -> None:
+        """Lines a sequence model scores are not windowed, so no source leaves a window."""
+        config = parse_config(
+            session_config(model={"kind": "lstm_autoencoder", "hidden": [8, 4], "window": 4})
+        )
+        pipeline = LogsPipeline(modality_config(config, "logs"), None)
+        records = [LogRecord(float(i), f"blk_{i // 3}", "", event="5") for i in range(300)]
+        scored = pipeline.process([Incoming(r, i, 0, i) for i, r in enumerate(records)])
+        assert len(scored) == 300
+        assert pipeline.featurizer.windower.open_windows == 0
+
+    def test_open_windows_are_bounded(self) -> None:
+        """Past max_open, the window of the least recently written source closes early."""
+        windower = LogWindower(1e6, end_event=END_EVENT, max_open=2)
+        miner = LogTemplateMiner(None)
+        closed = []
+        for i, source in enumerate(["a", "b", "a", "c", "a", "d"]):
+            line = miner.mine(LogRecord(0.0, source, "", event="5"))
+            closed += windower.add(line, ref=i)
+        assert [(w.source, len(w.lines), w.ref) for w in closed] == [("b", 1, 1), ("c", 1, 3)]
+        assert windower.evicted == 2
+        assert [(w.source, len(w.lines), w.ref) for w in windower.flush()] == [
+            ("a", 3, 4),
+            ("d", 1, 5),
+        ]
+
+    def test_unended_sessions_scored_once_at_last_line(self) -> None:
+        """Blocks without an end line are scored when pushed out, by their own last line."""
+        config = parse_config(
+            session_config(
+                session_end_event=END_EVENT, max_sources=3, model={"kind": "mlp_autoencoder"}
+            )
+        )
+        pipeline = LogsPipeline(modality_config(config, "logs"), None)
+        records = [
+            LogRecord(float(i), f"blk_{i // 4}", "", event=str(i % 4)) for i in range(4 * 50)
+        ]
+        batch = [Incoming(r, i, 0, 1000 + i) for i, r in enumerate(records)]
+        scored = pipeline.process(batch) + pipeline.flush()
+        assert [item.key for item in scored] == [f"blk_{n}" for n in range(50)]
+        assert [item.index for item in scored] == [4 * n + 3 for n in range(50)]
+        assert [item.offset for item in scored] == [1000 + 4 * n + 3 for n in range(50)]
+        assert all(item.detail["lines"] == 4 for item in scored)
+        assert pipeline.windows_evicted == 47
+        assert pipeline.featurizer.windower.open_windows == 0
+
+    def test_per_source_state_is_bounded(self) -> None:
+        """Scalers, thresholds and window counts of the MLP keep max_sources sources."""
+        config = parse_config(
+            {
+                "edge": {"window_events": 50, "threshold": {"warmup_events": 10}},
+                "logs": {
+                    "n_buckets": 8,
+                    "window_s": 1.0,
+                    "max_sources": 5,
+                    "model": {"kind": "mlp_autoencoder"},
+                },
+            }
+        )
+        pipeline = LogsPipeline(modality_config(config, "logs"), None)
+        # Every source writes two lines one second apart, so the second closes the first's
+        # window, and then never writes again.
+        records = []
+        for n in range(200):
+            records += [LogRecord(float(n), f"blk_{n}", "x"), LogRecord(n + 1.0, f"blk_{n}", "x")]
+        scored = pipeline.process([Incoming(r, i, 0, i) for i, r in enumerate(records)])
+        assert len(scored) == 200 + pipeline.windows_evicted
+        assert len(pipeline.scalers) == 5
+        assert next(reversed(pipeline.scalers)) == "blk_199"
+        assert set(pipeline.thresholds) == set(pipeline.scalers)
+        assert set(pipeline.windows_scored) == set(pipeline.scalers)
+        assert pipeline.featurizer.windower.open_windows == 5
+        assert pipeline.windows_evicted == 195
+        assert pipeline.sources_dropped >= 195  # a source pushed out and back counts again
+
     @pytest.mark.parametrize("prefixes", [True, False])
     def test_first_lines_alert_only_with_prefix_training(self, prefixes: bool) -> None:
         """Without prefix training, a block's first window - 1 lines never alert."""
