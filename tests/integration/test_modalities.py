@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fanomad_stream.config import AppConfig, KafkaSettings
@@ -20,7 +22,7 @@ from fanomad_stream.federate.aggregator import Aggregator
 from fanomad_stream.federate.global_model import GlobalModelReader
 from fanomad_stream.modalities import modality_config
 from fanomad_stream.privacy.dp import update_norm
-from fanomad_stream.replay.logs import LogDataset
+from fanomad_stream.replay.logs import END_EVENT, LogDataset, Session, interleave_sessions
 from fanomad_stream.replay.streams import (
     LOGHUB_DIR,
     NEZHA_DIR,
@@ -405,3 +407,79 @@ def _assert_like_offline(body: dict[str, Any], offline: Scored) -> None:
     # windows in batches, and the batch size can change the last bits of a float32 result.
     assert detail["hst"] == offline.detail["hst"], index
     assert body["score"] == pytest.approx(offline.score, rel=1e-5, abs=1e-7), index
+
+
+def _block_sessions(n: int) -> LogDataset:
+    """Return ``n`` block sessions of 3 to 12 lines, 20 of them open at a time."""
+    rng = np.random.default_rng(2)
+    keys = [5, 22, 11, 9, 26, 3, 4, 2]
+    sessions = [
+        Session(tuple(int(k) for k in rng.choice(keys, int(rng.integers(3, 13)))), 0)
+        for _ in range(n)
+    ]
+    return interleave_sessions(sessions, concurrency=20, seed=4)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("ending", ["stop", "kill"])
+async def test_session_restart_scores_every_block(
+    topics: KafkaSettings, tmp_path: Path, ending: str
+) -> None:
+    """A logs site restarted in the middle of open HDFS blocks scores every block in full.
+
+    The first run ends with blocks whose lines it has read but whose end line it has not. A
+    clean stop checkpoints them. A kill leaves an earlier checkpoint, and the second run
+    reads the lines after it again. Either way every block gets a score whose window holds
+    all of its lines, so no line before the restart was lost.
+    """
+    dataset = _block_sessions(300)
+    config = modality_config(
+        make_config(
+            topics,
+            edge={
+                "max_batch_records": 40,
+                "poll_timeout_ms": 200,
+                "window_events": 100_000,
+                "state_dir": str(tmp_path / "edge"),
+                "checkpoint_interval_s": 3600 if ending == "stop" else 0.2,
+            },
+            logs={
+                "state_dir": str(tmp_path / "logs"),
+                "window_s": 1e6,
+                "session_end_event": END_EVENT,
+                "model": {"kind": "mlp_autoencoder", "hidden": [8, 4]},
+            },
+        ),
+        "logs",
+    )
+    await replay_logs(topics, dataset, progress=False)
+    lengths = Counter(record.source for record in dataset.records)
+
+    first = ModalityEdgeClient(config, site="hdfs-site", modality="logs")
+    if ending == "stop":
+        async with running_services(first):
+            await wait_until(lambda: first.counters.scored >= 60, timeout_s=60)
+    else:
+        await _run_until_killed(first, 60)
+    assert isinstance(first.pipeline, LogsPipeline)
+    assert first.pipeline.featurizer.windower.open_windows > 0  # blocks cut by the restart
+
+    second = ModalityEdgeClient(config, site="hdfs-site", modality="logs")
+    async with running_services(second):
+        # Positions move only after the scores of their records are published.
+        await wait_until(
+            lambda: sum(second.checkpoints.positions.values()) == len(dataset.records),
+            timeout_s=60,
+        )
+    assert second.checkpoints.restored is not None
+
+    scores = await read_topic(topics, "scores", frozenset({"score"}))
+    lines_by_block: dict[str, set[int]] = {}
+    for score in scores:
+        key = score.key
+        lines_by_block.setdefault(key, set()).add(score.envelope.body["detail"]["lines"])
+        assert dataset.records[score.envelope.body["index"]].source == key
+        assert dataset.records[score.envelope.body["index"]].event == END_EVENT
+    assert lines_by_block == {source: {count} for source, count in lengths.items()}
+    if ending == "stop":
+        assert len(scores) == 300  # a clean stop commits what it checkpointed

@@ -6,6 +6,7 @@ stopped, and the client must warm up instead of crashing on a checkpoint it may 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -611,3 +612,62 @@ async def test_commit_failure_counted_not_raised(tmp_path: Path) -> None:
         assert not await client.checkpoints.commit([tp])
     assert client.checkpoints.commit_failures == 2
     assert [entry["event"] for entry in logs] == ["commit_failed", "commit_failed"]
+
+
+class _PositionConsumer:
+    """A consumer with two assigned partitions; only the first has been read."""
+
+    def __init__(self, position: int | None) -> None:
+        self._position = position
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("logs.raw", 0), TopicPartition("logs.raw", 1)}
+
+    async def position(self, tp: TopicPartition) -> int:
+        assert tp == TopicPartition("logs.raw", 1)
+        if self._position is None:
+            await asyncio.sleep(3600)  # the broker never answers
+        assert self._position is not None
+        return self._position
+
+
+async def test_checkpoint_covers_unread_partitions(tmp_path: Path) -> None:
+    """An assigned partition no batch came from enters the checkpoint at its read position.
+
+    A restore then reads it from there, and not from a committed offset that batches after
+    the checkpoint moved on.
+    """
+    client = _client(_logs_config("mlp"), tmp_path, "logs")
+    assert client.checkpoints.read() is None
+    client.checkpoints.consumer = _PositionConsumer(7)  # type: ignore[assignment]
+    client.checkpoints.positions = {TopicPartition("logs.raw", 0): 5}
+    client.checkpoints.changed = True
+    async with client.checkpoints.state_lock:
+        await client._write_checkpoint()
+    client.checkpoints.release()
+    checkpoint = read_checkpoint(
+        _checkpoint_path(tmp_path, "logs"),
+        site=SITE,
+        fingerprint=client.checkpoints.fingerprint,
+    )
+    assert checkpoint.offsets == {
+        TopicPartition("logs.raw", 0): 5,
+        TopicPartition("logs.raw", 1): 7,
+    }
+
+
+async def test_checkpoint_skipped_when_position_unknown(tmp_path: Path) -> None:
+    client = _client(_logs_config("mlp", stop_timeout_s=0.2), tmp_path, "logs")
+    assert client.checkpoints.read() is None
+    client.checkpoints.consumer = _PositionConsumer(None)  # type: ignore[assignment]
+    client.checkpoints.positions = {TopicPartition("logs.raw", 0): 5}
+    with structlog.testing.capture_logs() as logs:
+        written = await client.checkpoints.write(
+            global_version=-1, last_update_round=-1, state=client.pipeline.snapshot()
+        )
+    client.checkpoints.release()
+    assert written is False
+    assert not _checkpoint_path(tmp_path, "logs").exists()
+    (entry,) = logs
+    assert (entry["event"], entry["reason"]) == ("edge_checkpoint_skipped", "position_unknown")
+    assert entry["partition"] == "logs.raw:1"
