@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -31,6 +32,8 @@ from fanomad_stream.replay.streams import (
     replay_logs,
     replay_spans,
 )
+from fanomad_stream.transport import codec
+from fanomad_stream.transport.kafka import make_producer, topic_name
 from fanomad_stream.transport.reader import end_offsets, read_topic
 from tests.conftest import make_config, wait_until
 
@@ -483,3 +486,46 @@ async def test_session_restart_scores_every_block(
     assert lines_by_block == {source: {count} for source, count in lengths.items()}
     if ending == "stop":
         assert len(scores) == 300  # a clean stop commits what it checkpointed
+
+
+def _raw_log(body: dict[str, Any], ts: object = 1.0) -> bytes:
+    """Pack a log record without the codec's checks, as a faulty shipper might."""
+    envelope = {"v": 1, "kind": "log", "src": "shipper", "ts": ts, "body": body}
+    return msgpack.packb(envelope, use_bin_type=True)
+
+
+@pytest.mark.timeout(120)
+async def test_bad_log_records_dead_lettered(topics: KafkaSettings, tmp_path: Path) -> None:
+    """Log records that fail the schema go to the dlq with the reason; the client goes on."""
+    line = {"source": "blk_1", "line": "", "index": 0}
+    bad = {
+        "event of wrong type": (_raw_log({**line, "event": 22}), "'event' must be a string"),
+        "huge event": (_raw_log({**line, "event": "e" * 5000}), "'event' has 5000 characters"),
+        "NaN time": (_raw_log({**line, "event": "5"}, ts=float("nan")), "finite number"),
+        "empty source": (_raw_log({**line, "source": "", "event": "5"}), "must not be empty"),
+        "list level": (_raw_log({**line, "level": ["INFO"]}), "'level' must be a string"),
+    }
+    producer = make_producer(topics)
+    await producer.start()
+    topic = topic_name(topics, "logs.raw")
+    try:
+        for raw, _ in bad.values():
+            await producer.send_and_wait(topic, raw, key=b"blk_1", partition=0)
+        for index, event in enumerate(["5", "22", END_EVENT]):
+            body = {**line, "event": event, "index": index}
+            value = codec.encode("log", body, src="shipper", ts=float(index))
+            await producer.send_and_wait(topic, value, key=b"blk_1", partition=0)
+    finally:
+        await producer.stop()
+
+    client = ModalityEdgeClient(_logs_config(topics, tmp_path), site="bgl-site", modality="logs")
+    async with running_services(client):
+        await wait_until(lambda: client.counters.consumed >= len(bad) + 3, timeout_s=60)
+
+    assert client.counters.scored == 3
+    assert client.counters.dead_letters == len(bad)
+    dead = await read_topic(topics, "dlq", frozenset({"dead_letter"}))
+    assert [d.envelope.body["offset"] for d in dead] == list(range(len(bad)))
+    for entry, (name, (_, reason)) in zip(dead, bad.items(), strict=True):
+        assert reason in entry.envelope.body["error"], name
+        assert entry.envelope.body["topic"] == topic
