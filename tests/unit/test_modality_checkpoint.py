@@ -36,7 +36,7 @@ from fanomad_stream.edge.modalities import (
     TracesPipeline,
 )
 from fanomad_stream.edge.stream_client import ModalityEdgeClient
-from fanomad_stream.featurize.logs import LogTemplateMiner
+from fanomad_stream.featurize.logs import LogTemplateMiner, LogWindower
 from fanomad_stream.featurize.trace_assembly import Span
 from fanomad_stream.modalities import modality_config
 from fanomad_stream.replay.logs import LogRecord
@@ -301,6 +301,20 @@ def test_restore_of_partial_state_changes_nothing() -> None:
     assert fresh.detector is detector
     assert fresh.contexts == {}
     assert fresh.featurizer.miner.template_count == 0
+
+
+def test_restore_rejects_unbounded_windower() -> None:
+    """A windower without the max_sources bound, as older checkpoints hold, is rejected."""
+    config = _logs_config("mlp")
+    pipeline = LogsPipeline(config, None)
+    _run(pipeline, _batches(_log_lines(200)))
+    state = {**pipeline.snapshot(), "windower": LogWindower(config.logs.window_s)}
+    fresh = LogsPipeline(config, None)
+    windower = fresh.featurizer.windower
+    with pytest.raises(TypeError, match=r"no bound of logs\.max_sources"):
+        fresh.restore(state)
+    assert fresh.featurizer.windower is windower
+    assert fresh.scalers == {}
 
 
 def test_restore_of_other_modality_raises() -> None:
