@@ -304,7 +304,7 @@ def test_restore_of_partial_state_changes_nothing() -> None:
 
 
 def test_restore_rejects_unbounded_windower() -> None:
-    """A windower without the max_sources bound, as older checkpoints hold, is rejected."""
+    """A windower without the max_sources bound, as earlier builds saved it, is rejected."""
     config = _logs_config("mlp")
     pipeline = LogsPipeline(config, None)
     _run(pipeline, _batches(_log_lines(200)))
