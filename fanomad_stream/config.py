@@ -103,6 +103,17 @@ class ModelSettings(_Section):
     train_prefixes: bool = False
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _prefixes_need_a_sequence(self) -> ModelSettings:
+        if self.train_prefixes and self.kind == "mlp_autoencoder":
+            msg = (
+                "train_prefixes applies to lstm_autoencoder and transformer_autoencoder, which "
+                "score windows of rows; mlp_autoencoder scores single rows, so remove "
+                "train_prefixes or choose a sequence kind"
+            )
+            raise ValueError(msg)
+        return self
+
 
 class ThresholdSettings(_Section):
     """Per-source alert threshold, fitted on past scores only.
@@ -292,9 +303,11 @@ class LogsSettings(_Section):
     n_buckets: int = Field(default=64, ge=1, le=65_536)
     window_s: float = Field(default=60.0, gt=0)
     max_lines: int = Field(default=10_000, ge=1)
-    # Sources whose recent lines a sequence model keeps; the least recently seen source is
-    # dropped past this, and the drop is counted. A dropped source that writes again starts a
-    # fresh window.
+    # Sources a site keeps state for: a sequence model's recent lines of each source, or the
+    # MLP's open window, scaler, threshold and window count of each. Past this, the least
+    # recently seen source is dropped and counted, and the MLP scores its open window early.
+    # A dropped source that writes again starts afresh, so more active sources than this
+    # never warm up.
     max_sources: int = Field(default=10_000, ge=1)
     # A line with this event id (LogRecord.event) closes its source's window, so a window
     # holds one session, such as an HDFS block. The MLP then scores each session's count
@@ -304,6 +317,17 @@ class LogsSettings(_Section):
     # keeps its open traces in <state_dir>/<site>/traces.msgpack unless edge.state_dir is set,
     # because the checkpoint there contains them.
     state_dir: Path = Path("state")
+
+    @model_validator(mode="after")
+    def _session_windows_need_the_mlp(self) -> LogsSettings:
+        if self.session_end_event is not None and self.model.kind != "mlp_autoencoder":
+            msg = (
+                f"logs.session_end_event closes the windows that mlp_autoencoder scores, but "
+                f"logs.model.kind {self.model.kind!r} scores every line and has no windows; "
+                "remove logs.session_end_event or set logs.model.kind to mlp_autoencoder"
+            )
+            raise ValueError(msg)
+        return self
 
 
 class TracesSettings(_Section):
@@ -389,6 +413,13 @@ class LogDemoSettings(_Section):
             msg = (
                 "log_demo.single_stream must be false for hdfs_sessions: each block session "
                 "is its own source"
+            )
+            raise ValueError(msg)
+        if self.dataset == "hdfs_sessions" and self.limit is not None:
+            msg = (
+                "log_demo.limit would cut the hdfs_sessions replay inside the warm-up sessions "
+                "and in the middle of blocks; remove it and size the replay with "
+                "log_demo.sessions (warmup_sessions, normal_sessions, anomalous_sessions)"
             )
             raise ValueError(msg)
         return self

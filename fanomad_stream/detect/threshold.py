@@ -13,6 +13,9 @@ class QuantileThreshold:
     ``thresholds_for`` returns, for each row of a batch, the threshold fitted on scores
     strictly before that batch; during warm-up (fewer than ``warmup_events`` past scores) the
     threshold is +inf, so nothing alerts before there is a baseline.
+
+    The score buffer grows with the scores seen, up to ``history``, so a source that writes
+    a few windows (one HDFS block) costs a few floats and not ``history`` of them.
     """
 
     def __init__(
@@ -24,7 +27,7 @@ class QuantileThreshold:
         self.quantile = quantile
         self.warmup_events = warmup_events
         self.history = history
-        self._buffer = np.empty(history, dtype=np.float64)
+        self._buffer = np.empty(0, dtype=np.float64)
         self._next = 0
         self.seen = 0
 
@@ -47,6 +50,12 @@ class QuantileThreshold:
         scores = scores[-self.history :]
         n = scores.shape[0]
         end = self._next + n
+        size = self._buffer.shape[0]
+        if size < min(end, self.history):
+            # Until it reaches history, the buffer is filled from 0 and has never wrapped.
+            grown = np.empty(min(self.history, max(end, 2 * size)), dtype=np.float64)
+            grown[:size] = self._buffer
+            self._buffer = grown
         if end <= self.history:
             self._buffer[self._next : end] = scores
         else:

@@ -75,7 +75,8 @@ class CheckpointManager:
         self._interval_s = edge.checkpoint_interval_s
         self._stop_timeout_s = edge.stop_timeout_s
         self._log = logger
-        # Next offset to read of every partition whose records the state has folded in.
+        # Next offset to read of every partition whose records the state has folded in, and
+        # of each partition that was assigned but unread when a checkpoint was written.
         self.positions: dict[TopicPartition, int] = {}
         self.state_lock = asyncio.Lock()
         # False while the state contains records or training that ``positions`` do not cover.
@@ -237,13 +238,18 @@ class CheckpointManager:
     async def write(
         self, *, global_version: int, last_update_round: int, state: dict[str, Any]
     ) -> bool:
-        """Write the checkpoint of ``state``; return False when the write failed.
+        """Write the checkpoint of ``state``; return False when no checkpoint was written.
+
+        Nothing is written when the read position of an assigned partition is unknown (see
+        ``_cover_unread_partitions``) or the file cannot be written.
 
         The caller holds ``state_lock`` and the folder's lock, so nothing changes while the
         state is pickled in a worker thread.
         """
         path = self.path
         assert path is not None and self.lock is not None, "no checkpoint lock is held"
+        if not await self._cover_unread_partitions():
+            return False
         checkpoint = EdgeCheckpoint(
             site=self.site,
             fingerprint=self.fingerprint,
@@ -268,6 +274,35 @@ class CheckpointManager:
             global_version=global_version,
             offsets=offsets_for_log(checkpoint.offsets),
         )
+        return True
+
+    async def _cover_unread_partitions(self) -> bool:
+        """Add the read position of each assigned partition that no batch has come from.
+
+        The state contains no record of such a partition, so a restore must read it from
+        where this process began. Without an offset in the checkpoint it would resume from
+        the committed offset, which later batches may have moved past records that the
+        checkpoint's state never saw. Returns False, with a warning, when a position is not
+        known within ``edge.stop_timeout_s``, and then no checkpoint may be written.
+        """
+        if self.consumer is None:
+            return True
+        for tp in self.consumer.assignment():
+            if tp in self.positions:
+                continue
+            try:
+                offset = await asyncio.wait_for(self.consumer.position(tp), self._stop_timeout_s)
+            except IllegalStateError:
+                continue  # revoked since assignment(): another member reads it now
+            except TimeoutError:
+                self._log.warning(
+                    "edge_checkpoint_skipped",
+                    reason="position_unknown",
+                    partition=f"{tp.topic}:{tp.partition}",
+                    timeout_s=self._stop_timeout_s,
+                )
+                return False
+            self.positions[tp] = offset
         return True
 
     async def write_on_stop(self, write: Callable[[], Awaitable[object]]) -> None:

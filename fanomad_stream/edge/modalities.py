@@ -159,6 +159,11 @@ class LogsPipeline(_Scoring):
     recent line rows. Alerts wait until the source has ``window`` lines, because shorter
     warm-up windows score high (see ``SequenceAutoencoderDetector``). The MLP scores each closed window of a source, with
     the features standardized by that source's streaming scaler.
+
+    Per-source state is kept for at most ``logs.max_sources`` sources: the sequence model's
+    stream contexts, and the MLP's open windows, scalers, thresholds and window counts. The
+    least recently seen source is dropped past that and counted in ``sources_dropped``, and
+    its open window is scored early (``windows_evicted``).
     """
 
     modality = "logs"
@@ -172,15 +177,17 @@ class LogsPipeline(_Scoring):
             window_s=logs.window_s,
             max_lines=logs.max_lines,
             end_event=logs.session_end_event,
+            max_open=logs.max_sources,
         )
         # Session windows (one per HDFS block) share one scaler and threshold per site, and a
-        # window's score takes the index of the line that closed it.
+        # window's score takes the index of its last line, the end line of a whole session.
         self.sessions = logs.session_end_event is not None
         # Per-source windows of recent lines, least recently seen first; at most max_sources.
         self.contexts: OrderedDict[str, StreamContext] = OrderedDict()
         self.max_sources = logs.max_sources
         self.sources_dropped = 0
-        self.scalers: dict[str, StreamingScaler] = {}
+        # Least recently scored source first; the order picks the source to drop.
+        self.scalers: OrderedDict[str, StreamingScaler] = OrderedDict()
         # HalfSpaceTrees, the online baseline in each score's ``detail``: on the line row for
         # a sequence model, on the standardized window vector for the MLP. A line row contains
         # 0 or 1, so z_range 1 maps it to 0.5 or 1.0 of HST's [0, 1] range.
@@ -195,17 +202,25 @@ class LogsPipeline(_Scoring):
         self.windows_scored: dict[str, int] = {}
         self.training: deque[tuple[str, np.ndarray]] = deque(maxlen=self.edge.window_events)
 
+    @property
+    def windows_evicted(self) -> int:
+        """Windows closed early because ``max_sources`` windows were open."""
+        return self.featurizer.windower.evicted
+
     def process(self, batch: list[Incoming]) -> list[Scored]:
         """Score one poll's records in arrival order."""
-        mined: list[tuple[Incoming, MinedLine]] = []
-        closed: list[tuple[Incoming, LogWindowFeatures]] = []
+        if self.sequence is not None:
+            # Lines are scored one by one, so they are mined but not windowed.
+            mined = []
+            for incoming in batch:
+                assert isinstance(incoming.item, LogRecord)
+                mined.append((incoming, self.featurizer.miner.mine(incoming.item)))
+            return self._score_lines(self.sequence, mined)
+        closed: list[LogWindowFeatures] = []
         for incoming in batch:
             assert isinstance(incoming.item, LogRecord)
-            line, windows = self.featurizer.add(incoming.item)
-            mined.append((incoming, line))
-            closed += [(incoming, window) for window in windows]
-        if self.sequence is not None:
-            return self._score_lines(self.sequence, mined)
+            _, windows = self.featurizer.add(incoming.item, ref=incoming)
+            closed += windows
         return self._score_windows(closed)
 
     def flush(self) -> list[Scored]:
@@ -213,8 +228,7 @@ class LogsPipeline(_Scoring):
         windows = self.featurizer.flush()
         if self.sequence is not None:
             return []
-        marker = Incoming(LogRecord(0.0, "", ""), -1, -1, -1)
-        return self._score_windows([(marker, window) for window in windows])
+        return self._score_windows(windows)
 
     def _score_lines(
         self, detector: SequenceAutoencoderDetector, mined: list[tuple[Incoming, MinedLine]]
@@ -269,22 +283,36 @@ class LogsPipeline(_Scoring):
     def _line_rows(self, lines: list[MinedLine]) -> np.ndarray:
         return line_vectors(lines, self.featurizer.n_buckets)
 
-    def _score_windows(self, closed: list[tuple[Incoming, LogWindowFeatures]]) -> list[Scored]:
+    def _scaler(self, group: str) -> StreamingScaler:
+        """Return the scaler of ``group``; past ``max_sources``, drop the least recent group."""
+        scaler = self.scalers.get(group)
+        if scaler is not None:
+            self.scalers.move_to_end(group)
+            return scaler
+        if len(self.scalers) >= self.max_sources:
+            oldest, _ = self.scalers.popitem(last=False)
+            self.thresholds.pop(oldest, None)
+            self.windows_scored.pop(oldest, None)
+            self.sources_dropped += 1
+        scaler = self.scalers[group] = StreamingScaler(
+            self.featurizer.n_features, self.edge.scale_floor
+        )
+        return scaler
+
+    def _score_windows(self, closed: list[LogWindowFeatures]) -> list[Scored]:
         assert isinstance(self.detector, AutoencoderDetector)
         scored = []
-        for incoming, window in closed:
+        for window in closed:
+            last = window.ref  # the window's last line: its index, partition and offset
+            assert isinstance(last, Incoming)
             group = "site" if self.sessions else window.source
-            scaler = self.scalers.get(group)
-            if scaler is None:
-                scaler = self.scalers[group] = StreamingScaler(
-                    self.featurizer.n_features, self.edge.scale_floor
-                )
+            scaler = self._scaler(group)
             z = scaler.transform(window.vector[None, :])
             score = self.detector.score_batch(z)
             hst = float(self.hst.score_and_learn(z)[0])
             threshold = self.threshold(group, score)
             scaler.learn(window.vector[None, :])
-            number = incoming.index
+            number = last.index
             if not self.sessions:  # sessions are many and close once: count no windows
                 number = self.windows_scored.get(window.source, 0)
                 self.windows_scored[window.source] = number + 1
@@ -296,8 +324,8 @@ class LogsPipeline(_Scoring):
                     score=float(score[0]),
                     threshold=float(threshold[0]),
                     alert=bool(score[0] > threshold[0]),
-                    partition=incoming.partition,
-                    offset=incoming.offset,
+                    partition=last.partition,
+                    offset=last.offset,
                     detail={"window_start": window.start, "lines": window.lines, "hst": hst},
                 )
             )
@@ -358,9 +386,12 @@ class LogsPipeline(_Scoring):
         scoring = self._checked_scoring(state)
         templates = state["templates"]
         windower = _state_item(state, "windower", LogWindower)
+        if getattr(windower, "max_open", None) != self.max_sources:
+            msg = "saved windower has no bound of logs.max_sources on its open windows"
+            raise TypeError(msg)
         contexts = _state_item(state, "contexts", type(self.contexts))
         sources_dropped = int(state["sources_dropped"])
-        scalers = _state_item(state, "scalers", dict)
+        scalers = OrderedDict(_state_item(state, "scalers", dict))
         hst = _state_item(state, "hst", HalfSpaceTreesDetector)
         windows_scored = _state_item(state, "windows_scored", dict)
         training = deque(_state_item(state, "training", list), maxlen=self.edge.window_events)
@@ -482,6 +513,8 @@ class TracesPipeline(_Scoring):
             score = float(self.detector.score_batch(z)[0])
             self.training.append(z[0])
         root = trace.root.service if trace.root is not None else features.top_service
+        # NOTE: thresholds are kept per root service with no bound. A span stream with ever
+        # new service names grows this map, because traces have no max_sources setting yet.
         threshold = float(self.threshold(root, np.array([score]))[0])
         self.events_since_training += 1
         self.traces_scored += 1

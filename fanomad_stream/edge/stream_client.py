@@ -66,6 +66,17 @@ from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_prod
 log = structlog.get_logger(__name__)
 
 SESSION_TIMEOUT_MS = 45_000
+# What reading traces.msgpack raises on a damaged or foreign file: msgpack's own errors
+# (ValueError subclasses and UnpackException) and values of the wrong shape.
+_TRACE_STATE_ERRORS = (
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    msgpack.UnpackException,
+)
 TOPICS = {"logs": ("logs.raw", frozenset({"log"})), "traces": ("traces.raw", frozenset({"span"}))}
 
 
@@ -485,10 +496,31 @@ class ModalityEdgeClient(SteppedService):
         temporary.replace(self._traces_state)
 
     def _load_traces_state(self) -> None:
-        if not isinstance(self.pipeline, TracesPipeline) or not self._traces_state.is_file():
+        """Load traces.msgpack; move a file that fails to load aside and start without it."""
+        path = self._traces_state
+        if not isinstance(self.pipeline, TracesPipeline) or not path.is_file():
             return
-        state = msgpack.unpackb(self._traces_state.read_bytes(), raw=False, strict_map_key=False)
-        self.pipeline.load_open_traces_state(state)
+        try:
+            state = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+            self.pipeline.load_open_traces_state(state)
+        except _TRACE_STATE_ERRORS as err:
+            # The load may have stopped half-way, so the pipeline starts over empty.
+            self.pipeline = TracesPipeline(self.config)
+            rejected = path.with_name(path.name + ".rejected")
+            try:
+                path.replace(rejected)
+            except OSError as move_error:
+                self._log.error(
+                    "trace_state_file_remove_failed", path=str(path), error=str(move_error)
+                )
+            self._log.warning(
+                "trace_state_rejected",
+                path=str(path),
+                moved_to=str(rejected),
+                error=f"{type(err).__name__}: {err}",
+                detail="starting without the open traces of the last run",
+            )
+            return
         self._log.info(
             "trace_state_loaded",
             path=str(self._traces_state),

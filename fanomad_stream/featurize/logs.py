@@ -12,19 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 from drain3 import TemplateMiner
-from drain3.drain import Drain
+from drain3.drain import Drain, Node
 from drain3.masking import MaskingInstruction
 from drain3.persistence_handler import PersistenceHandler
 from drain3.template_miner_config import TemplateMinerConfig
 
 from fanomad_stream.replay.logs import LogRecord
+
+log = structlog.get_logger(__name__)
 
 ERROR_LEVELS = frozenset({"ERROR", "FATAL", "SEVERE", "CRITICAL", "FAILURE", "PANIC"})
 
@@ -90,7 +95,8 @@ class LogTemplateMiner:
         File holding this client's drain3 state, or None to keep it in memory only. The
         state is saved whenever a template is created or changes, and by ``save``. The event
         ids of pre-parsed records (``LogRecord.event``) are kept beside it, in
-        ``<stem>-events.json``.
+        ``<stem>-events.json``. A file that fails to load is moved to ``<name>.rejected``
+        with a warning, and the miner starts without its templates or event ids.
     n_buckets
         Width of the hashed template vocabulary. Must be >= 1.
     similarity_threshold
@@ -131,7 +137,7 @@ class LogTemplateMiner:
         config.drain_max_clusters = max_templates
         config.masking_instructions = [MaskingInstruction(p, name) for p, name in DEFAULT_MASKS]
         self._persistence = None if state_path is None else AtomicFilePersistence(state_path)
-        self._miner = TemplateMiner(self._persistence, config)
+        self._miner = self._load_miner(config)
         self._events_path = (
             None if state_path is None else state_path.with_name(f"{state_path.stem}-events.json")
         )
@@ -139,6 +145,26 @@ class LogTemplateMiner:
         # first sight), so they never clash with drain3's positive ones.
         self.events: dict[str, int] = self._load_events()
         self.events_dropped = 0
+
+    def _load_miner(self, config: TemplateMinerConfig) -> TemplateMiner:
+        """Build drain3's miner from the state file, or empty when the file is unusable.
+
+        An unusable file is moved aside (see ``_set_aside``), so the client starts with no
+        templates instead of failing at every start.
+        """
+        if self._persistence is None:
+            return TemplateMiner(None, config)
+        try:
+            miner = TemplateMiner(self._persistence, config)
+            if not isinstance(miner.drain.root_node, Node):
+                root = type(miner.drain.root_node).__name__
+                msg = f"the state's root node is a {root}, expected a drain3.drain.Node"
+                raise TypeError(msg)
+        except _DRAIN3_STATE_ERRORS as err:
+            self._set_aside(self._persistence.path, err)
+            miner = TemplateMiner(None, config)
+            miner.persistence_handler = self._persistence
+        return miner
 
     @property
     def template_count(self) -> int:
@@ -181,18 +207,42 @@ class LogTemplateMiner:
         )
 
     def _load_events(self) -> dict[str, int]:
-        if self._events_path is None or not self._events_path.is_file():
+        """Read the event ids, or start with none when the file is missing or unusable."""
+        path = self._events_path
+        if path is None or not path.is_file():
             return {}
         try:
-            loaded = json.loads(self._events_path.read_text(encoding="utf-8"))
-            events = {str(event): int(cluster) for event, cluster in loaded.items()}
-        except (ValueError, AttributeError) as err:
-            msg = (
-                f"event id file {self._events_path} is not a JSON object of event ids; "
-                "delete it to start the event ids afresh"
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            return checked_events(loaded, self.max_templates)
+        except (OSError, ValueError) as err:
+            self._set_aside(path, err)
+            return {}
+
+    @staticmethod
+    def _set_aside(path: Path, error: Exception) -> None:
+        """Move an unusable state file to ``<name>.rejected`` and log why.
+
+        The file is kept for inspection, and the next save writes a fresh one in its place.
+        """
+        rejected = path.with_name(path.name + ".rejected")
+        try:
+            os.replace(path, rejected)
+        except OSError as move_error:
+            log.error(
+                "log_template_state_rejected",
+                path=str(path),
+                error=f"{type(error).__name__}: {error}",
+                move_error=str(move_error),
+                detail="starting without this state; the next save overwrites the file",
             )
-            raise ValueError(msg) from err
-        return events
+            return
+        log.warning(
+            "log_template_state_rejected",
+            path=str(path),
+            moved_to=str(rejected),
+            error=f"{type(error).__name__}: {error}",
+            detail="starting without this state",
+        )
 
     def _save_events(self) -> None:
         if self._events_path is None:
@@ -236,10 +286,47 @@ class LogTemplateMiner:
                 "expected a drain3.drain.Drain and a dict of event ids"
             )
             raise TypeError(msg)
+        events = checked_events(events, self.max_templates)
         events_dropped = int(state["events_dropped"])
         self._miner.drain = drain
         self.events = events
         self.events_dropped = events_dropped
+
+
+# What drain3 0.9's load_state raises on a damaged file: base64 (binascii.Error is a
+# ValueError), zlib, JSON, and jsonpickle building objects of the wrong shape.
+_DRAIN3_STATE_ERRORS = (
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    zlib.error,
+)
+
+
+def checked_events(loaded: object, max_events: int | None) -> dict[str, int]:
+    """Return ``loaded`` as a map of event id to cluster id; raise ValueError if it is not one.
+
+    The cluster ids must be -1, -2, ... -n, as ``LogTemplateMiner`` assigns them, because the
+    next new event takes -(n + 1). At most ``max_events`` ids are accepted.
+    """
+    if not isinstance(loaded, dict):
+        msg = f"event ids must be a JSON object of event id to cluster id, got {type(loaded).__name__}"
+        raise ValueError(msg)
+    if max_events is not None and len(loaded) > max_events:
+        msg = f"{len(loaded)} event ids is above the bound of {max_events}"
+        raise ValueError(msg)
+    for event, cluster in loaded.items():
+        if not isinstance(event, str) or not isinstance(cluster, int) or isinstance(cluster, bool):
+            msg = f"event id {event!r} maps to {cluster!r}; expected a string and an integer"
+            raise ValueError(msg)
+    clusters = sorted(loaded.values(), reverse=True)
+    if clusters != list(range(-1, -len(loaded) - 1, -1)):
+        msg = f"cluster ids of events must be -1 to -{len(loaded)}, each once"
+        raise ValueError(msg)
+    return dict(loaded)
 
 
 def feature_names(n_buckets: int) -> list[str]:
@@ -281,11 +368,16 @@ def line_vectors(lines: Sequence[MinedLine], n_buckets: int) -> np.ndarray:
 
 @dataclass
 class LogWindow:
-    """The lines of one source in one window [start, start + length)."""
+    """The lines of one source in one window [start, start + length).
+
+    ``ref`` is what the caller passed with the window's last line, such as its stream index
+    and offset, or None.
+    """
 
     source: str
     start: float
     lines: list[MinedLine] = field(default_factory=list)
+    ref: object = None
 
 
 class LogWindower:
@@ -295,22 +387,42 @@ class LogWindower:
     reaches ``max_lines``, or with a line whose event is ``end_event`` (the end of a session).
     Lines that arrive late for a window that already closed join the source's current window,
     and ``late_lines`` counts them. ``flush`` closes every open window.
+
+    At most ``max_open`` windows are open: a line of a new source past that closes the
+    window whose source wrote least recently, and ``evicted`` counts those windows. Without
+    the bound, every source that stops writing (an HDFS block that never sends its end line)
+    would keep its window in memory for good.
     """
 
     def __init__(
-        self, window_s: float, *, max_lines: int = 10_000, end_event: str | None = None
+        self,
+        window_s: float,
+        *,
+        max_lines: int = 10_000,
+        end_event: str | None = None,
+        max_open: int | None = None,
     ) -> None:
-        if window_s <= 0 or max_lines < 1:
-            msg = f"window_s must be > 0 and max_lines >= 1, got {window_s!r}, {max_lines!r}"
+        if window_s <= 0 or max_lines < 1 or (max_open is not None and max_open < 1):
+            msg = (
+                "window_s must be > 0, max_lines >= 1 and max_open >= 1 or None, got "
+                f"{window_s!r}, {max_lines!r}, {max_open!r}"
+            )
             raise ValueError(msg)
         self.window_s = window_s
         self.max_lines = max_lines
         self.end_event = end_event
+        self.max_open = max_open
         self.late_lines = 0
-        self._open: dict[str, LogWindow] = {}
+        self.evicted = 0
+        # Least recently written source first.
+        self._open: OrderedDict[str, LogWindow] = OrderedDict()
 
-    def add(self, line: MinedLine) -> list[LogWindow]:
-        """Add one line and return the windows it closed (at most one)."""
+    @property
+    def open_windows(self) -> int:
+        return len(self._open)
+
+    def add(self, line: MinedLine, ref: object = None) -> list[LogWindow]:
+        """Add one line and return the windows it closed (at most two with an eviction)."""
         source, ts = line.record.source, line.record.ts
         start = ts - ts % self.window_s
         current = self._open.get(source)
@@ -319,10 +431,16 @@ class LogWindower:
             closed.append(self._open.pop(source))
             current = None
         if current is None:
+            if self.max_open is not None and len(self._open) >= self.max_open:
+                closed.append(self._open.popitem(last=False)[1])
+                self.evicted += 1
             current = self._open[source] = LogWindow(source, start)
-        elif start < current.start:
-            self.late_lines += 1
+        else:
+            self._open.move_to_end(source)
+            if start < current.start:
+                self.late_lines += 1
         current.lines.append(line)
+        current.ref = ref
         ends_session = self.end_event is not None and line.record.event == self.end_event
         if ends_session or len(current.lines) >= self.max_lines:
             closed.append(self._open.pop(source))
@@ -336,13 +454,14 @@ class LogWindower:
 
 @dataclass(frozen=True)
 class LogWindowFeatures:
-    """The feature vector of one closed window of one source."""
+    """The feature vector of one closed window of one source, and its ``LogWindow.ref``."""
 
     source: str
     start: float
     end: float
     lines: int
     vector: np.ndarray
+    ref: object = None
 
 
 class LogFeaturizer:
@@ -364,6 +483,8 @@ class LogFeaturizer:
         A window closes early once it contains this many lines. >= 1.
     end_event
         A line with this event id closes its source's window (see ``LogWindower``), or None.
+    max_open
+        Most windows open at once, or None; past it the least recently written one closes.
     """
 
     def __init__(
@@ -374,12 +495,15 @@ class LogFeaturizer:
         window_s: float = 60.0,
         max_lines: int = 10_000,
         end_event: str | None = None,
+        max_open: int | None = None,
     ) -> None:
         self.n_buckets = n_buckets
         self.window_s = window_s
         self.max_lines = max_lines
         self.miner = LogTemplateMiner(state_path, n_buckets=n_buckets)
-        self.windower = LogWindower(window_s, max_lines=max_lines, end_event=end_event)
+        self.windower = LogWindower(
+            window_s, max_lines=max_lines, end_event=end_event, max_open=max_open
+        )
 
     @property
     def n_features(self) -> int:
@@ -389,9 +513,12 @@ class LogFeaturizer:
     def n_line_features(self) -> int:
         return self.n_buckets + 2
 
-    def add(self, record: LogRecord) -> tuple[MinedLine, list[LogWindowFeatures]]:
+    def add(
+        self, record: LogRecord, ref: object = None
+    ) -> tuple[MinedLine, list[LogWindowFeatures]]:
+        """Mine ``record`` and window it; ``ref`` comes back with the window it ends up last in."""
         line = self.miner.mine(record)
-        return line, [self._features(window) for window in self.windower.add(line)]
+        return line, [self._features(window) for window in self.windower.add(line, ref)]
 
     def flush(self) -> list[LogWindowFeatures]:
         """Close every open window (at shutdown or the end of a replay) and save the miner state."""
@@ -401,5 +528,10 @@ class LogFeaturizer:
     def _features(self, window: LogWindow) -> LogWindowFeatures:
         vector = window_vector(window.lines, self.window_s, self.n_buckets)
         return LogWindowFeatures(
-            window.source, window.start, window.start + self.window_s, len(window.lines), vector
+            window.source,
+            window.start,
+            window.start + self.window_s,
+            len(window.lines),
+            vector,
+            window.ref,
         )

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgpack
+import numpy as np
 import pytest
 
 from fanomad_stream.config import AppConfig, KafkaSettings
@@ -20,7 +23,7 @@ from fanomad_stream.federate.aggregator import Aggregator
 from fanomad_stream.federate.global_model import GlobalModelReader
 from fanomad_stream.modalities import modality_config
 from fanomad_stream.privacy.dp import update_norm
-from fanomad_stream.replay.logs import LogDataset
+from fanomad_stream.replay.logs import END_EVENT, LogDataset, Session, interleave_sessions
 from fanomad_stream.replay.streams import (
     LOGHUB_DIR,
     NEZHA_DIR,
@@ -29,6 +32,8 @@ from fanomad_stream.replay.streams import (
     replay_logs,
     replay_spans,
 )
+from fanomad_stream.transport import codec
+from fanomad_stream.transport.kafka import make_producer, topic_name
 from fanomad_stream.transport.reader import end_offsets, read_topic
 from tests.conftest import make_config, wait_until
 
@@ -405,3 +410,122 @@ def _assert_like_offline(body: dict[str, Any], offline: Scored) -> None:
     # windows in batches, and the batch size can change the last bits of a float32 result.
     assert detail["hst"] == offline.detail["hst"], index
     assert body["score"] == pytest.approx(offline.score, rel=1e-5, abs=1e-7), index
+
+
+def _block_sessions(n: int) -> LogDataset:
+    """Return ``n`` block sessions of 3 to 12 lines, 20 of them open at a time."""
+    rng = np.random.default_rng(2)
+    keys = [5, 22, 11, 9, 26, 3, 4, 2]
+    sessions = [
+        Session(tuple(int(k) for k in rng.choice(keys, int(rng.integers(3, 13)))), 0)
+        for _ in range(n)
+    ]
+    return interleave_sessions(sessions, concurrency=20, seed=4)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("ending", ["stop", "kill"])
+async def test_session_restart_scores_every_block(
+    topics: KafkaSettings, tmp_path: Path, ending: str
+) -> None:
+    """A logs site restarted in the middle of open HDFS blocks scores every block in full.
+
+    The first run ends with blocks whose lines it has read but whose end line it has not. A
+    clean stop checkpoints them. A kill leaves an earlier checkpoint, and the second run
+    reads the lines after it again. Either way every block gets a score whose window holds
+    all of its lines, so no line before the restart was lost.
+    """
+    dataset = _block_sessions(300)
+    config = modality_config(
+        make_config(
+            topics,
+            edge={
+                "max_batch_records": 40,
+                "poll_timeout_ms": 200,
+                "window_events": 100_000,
+                "state_dir": str(tmp_path / "edge"),
+                "checkpoint_interval_s": 3600 if ending == "stop" else 0.2,
+            },
+            logs={
+                "state_dir": str(tmp_path / "logs"),
+                "window_s": 1e6,
+                "session_end_event": END_EVENT,
+                "model": {"kind": "mlp_autoencoder", "hidden": [8, 4]},
+            },
+        ),
+        "logs",
+    )
+    await replay_logs(topics, dataset, progress=False)
+    lengths = Counter(record.source for record in dataset.records)
+
+    first = ModalityEdgeClient(config, site="hdfs-site", modality="logs")
+    if ending == "stop":
+        async with running_services(first):
+            await wait_until(lambda: first.counters.scored >= 60, timeout_s=60)
+    else:
+        await _run_until_killed(first, 60)
+    assert isinstance(first.pipeline, LogsPipeline)
+    assert first.pipeline.featurizer.windower.open_windows > 0  # blocks cut by the restart
+
+    second = ModalityEdgeClient(config, site="hdfs-site", modality="logs")
+    async with running_services(second):
+        # Positions move only after the scores of their records are published.
+        await wait_until(
+            lambda: sum(second.checkpoints.positions.values()) == len(dataset.records),
+            timeout_s=60,
+        )
+    assert second.checkpoints.restored is not None
+
+    scores = await read_topic(topics, "scores", frozenset({"score"}))
+    lines_by_block: dict[str, set[int]] = {}
+    for score in scores:
+        key = score.key
+        lines_by_block.setdefault(key, set()).add(score.envelope.body["detail"]["lines"])
+        assert dataset.records[score.envelope.body["index"]].source == key
+        assert dataset.records[score.envelope.body["index"]].event == END_EVENT
+    assert lines_by_block == {source: {count} for source, count in lengths.items()}
+    if ending == "stop":
+        assert len(scores) == 300  # a clean stop commits what it checkpointed
+
+
+def _raw_log(body: dict[str, Any], ts: object = 1.0) -> bytes:
+    """Pack a log record without the codec's checks, as a faulty shipper might."""
+    envelope = {"v": 1, "kind": "log", "src": "shipper", "ts": ts, "body": body}
+    return msgpack.packb(envelope, use_bin_type=True)
+
+
+@pytest.mark.timeout(120)
+async def test_bad_log_records_dead_lettered(topics: KafkaSettings, tmp_path: Path) -> None:
+    """Log records that fail the schema go to the dlq with the reason; the client goes on."""
+    line = {"source": "blk_1", "line": "", "index": 0}
+    bad = {
+        "event of wrong type": (_raw_log({**line, "event": 22}), "'event' must be a string"),
+        "huge event": (_raw_log({**line, "event": "e" * 5000}), "'event' has 5000 characters"),
+        "NaN time": (_raw_log({**line, "event": "5"}, ts=float("nan")), "finite number"),
+        "empty source": (_raw_log({**line, "source": "", "event": "5"}), "must not be empty"),
+        "list level": (_raw_log({**line, "level": ["INFO"]}), "'level' must be a string"),
+    }
+    producer = make_producer(topics)
+    await producer.start()
+    topic = topic_name(topics, "logs.raw")
+    try:
+        for raw, _ in bad.values():
+            await producer.send_and_wait(topic, raw, key=b"blk_1", partition=0)
+        for index, event in enumerate(["5", "22", END_EVENT]):
+            body = {**line, "event": event, "index": index}
+            value = codec.encode("log", body, src="shipper", ts=float(index))
+            await producer.send_and_wait(topic, value, key=b"blk_1", partition=0)
+    finally:
+        await producer.stop()
+
+    client = ModalityEdgeClient(_logs_config(topics, tmp_path), site="bgl-site", modality="logs")
+    async with running_services(client):
+        await wait_until(lambda: client.counters.consumed >= len(bad) + 3, timeout_s=60)
+
+    assert client.counters.scored == 3
+    assert client.counters.dead_letters == len(bad)
+    dead = await read_topic(topics, "dlq", frozenset({"dead_letter"}))
+    assert [d.envelope.body["offset"] for d in dead] == list(range(len(bad)))
+    for entry, (name, (_, reason)) in zip(dead, bad.items(), strict=True):
+        assert reason in entry.envelope.body["error"], name
+        assert entry.envelope.body["topic"] == topic

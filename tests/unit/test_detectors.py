@@ -84,6 +84,29 @@ def test_threshold_history_wraps() -> None:
     assert rule.current == pytest.approx(5.0)
 
 
+@pytest.mark.parametrize("sizes", [[1] * 90, [3, 7, 1, 30, 2, 45, 9], [150, 1, 4], [0, 64, 64]])
+def test_threshold_growing_buffer_matches_history(sizes: list[int]) -> None:
+    """The buffer grows in steps, and the threshold is the quantile of the last scores."""
+    rng = np.random.default_rng(4)
+    rule = QuantileThreshold(quantile=0.9, warmup_events=10, history=64)
+    seen: list[float] = []
+    for size in sizes:
+        batch = rng.exponential(size=size)
+        past = np.array(seen[-64:])
+        expected = np.quantile(past, 0.9) if len(seen) >= 10 else np.inf
+        np.testing.assert_array_equal(rule.thresholds_for(batch), np.full(size, expected))
+        seen += batch.tolist()
+        assert rule._buffer.shape[0] <= 64
+        assert rule._buffer.shape[0] >= min(len(seen), 64)
+    assert rule.current == np.quantile(np.array(seen[-64:]), 0.9)
+
+
+def test_threshold_buffer_small_for_few_scores() -> None:
+    rule = QuantileThreshold(quantile=0.9, warmup_events=10, history=5000)
+    rule.learn(np.ones(3))
+    assert rule._buffer.nbytes <= 3 * 8
+
+
 def test_autoencoder_training_lowers_error() -> None:
     """Training on normal rows lowers their reconstruction error and returns a delta."""
     rng = np.random.default_rng(1)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from fanomad_stream.config import parse_config
 from fanomad_stream.demo_logs import (
@@ -101,11 +104,66 @@ class TestEventIds:
         assert (line.cluster_id, line.is_new) == (-1, False)
         assert again.mine(LogRecord(0.0, "b", "", event="11")).cluster_id == -2
 
-    def test_unreadable_event_file_names_the_file(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize(
+        "content",
+        [
+            "[1, 2]",
+            "null",
+            "{not json",
+            '{"5": [1]}',
+            '{"5": "x"}',
+            '{"5": 1e400}',
+            '{"5": true}',
+            '{"5": -1, "22": -1}',
+            '{"5": 4}',
+            '{"5": -1, "22": -3}',
+            '{"1": -1, "2": -2, "3": -3}',
+        ],
+    )
+    def test_unusable_event_file_is_set_aside(self, tmp_path: Path, content: str) -> None:
+        """A damaged or hand-edited event file is moved aside, and the ids start afresh."""
+        events = tmp_path / "drain3-events.json"
+        events.write_text(content)
+        with capture_logs() as logs:
+            miner = LogTemplateMiner(tmp_path / "drain3.json", max_templates=2)
+        assert miner.events == {}
+        assert not events.exists()
+        assert (tmp_path / "drain3-events.json.rejected").read_text() == content
+        (entry,) = [e for e in logs if e["event"] == "log_template_state_rejected"]
+        assert entry["log_level"] == "warning"
+        assert entry["path"] == str(events)
+        line = miner.mine(LogRecord(0.0, "a", "", event="5"))
+        assert (line.cluster_id, line.is_new) == (-1, True)
+        assert json.loads(events.read_text()) == {"5": -1}
+
+    @pytest.mark.parametrize(
+        "content",
+        [
+            b"garbage",
+            b"",
+            base64.b64encode(zlib.compress(b"[1, 2]")),  # drain3's encoding, a list inside
+            base64.b64encode(zlib.compress(b'{"root_node": 1, "id_to_cluster": {}}')),
+            base64.b64encode(zlib.compress(b'{"py/object": "drain3.drain.Drain", "root_node": 1}')),
+        ],
+    )
+    def test_unusable_drain3_file_is_set_aside(self, tmp_path: Path, content: bytes) -> None:
+        """A drain3 file that fails to load is moved aside, and mining starts afresh."""
         state = tmp_path / "drain3.json"
-        (tmp_path / "drain3-events.json").write_text("[1, 2]")
-        with pytest.raises(ValueError, match=r"drain3-events\.json is not a JSON object"):
-            LogTemplateMiner(state)
+        state.write_bytes(content)
+        with capture_logs() as logs:
+            miner = LogTemplateMiner(state)
+        assert miner.template_count == 0
+        assert (tmp_path / "drain3.json.rejected").read_bytes() == content
+        assert [e["event"] for e in logs] == ["log_template_state_rejected"]
+        miner.mine(LogRecord(0.0, "a", "disk sda ok"))
+        assert LogTemplateMiner(state).template_count == 1
+
+    def test_restore_rejects_hand_edited_event_ids(self) -> None:
+        miner = LogTemplateMiner(None)
+        miner.mine(LogRecord(0.0, "a", "", event="5"))
+        state = {**miner.snapshot(), "events": {"5": -1, "22": -7}}
+        with pytest.raises(ValueError, match="must be -1 to -2, each once"):
+            LogTemplateMiner(None).restore(state)
 
     def test_events_past_the_bound_are_counted_not_kept(self, tmp_path: Path) -> None:
         miner = LogTemplateMiner(tmp_path / "d.json", max_templates=2)
@@ -163,6 +221,81 @@ class TestSessionWindows:
         assert list(pipeline.contexts) == ["c", "a"]
         assert pipeline.sources_dropped == 2  # a, then b
         assert pipeline.contexts["a"].seen == 1  # "a" came back with a fresh window
+
+    def test_sequence_model_keeps_no_windows(self) -> None:
+        """Lines a sequence model scores are not windowed, so no source leaves a window."""
+        config = parse_config(
+            session_config(model={"kind": "lstm_autoencoder", "hidden": [8, 4], "window": 4})
+        )
+        pipeline = LogsPipeline(modality_config(config, "logs"), None)
+        records = [LogRecord(float(i), f"blk_{i // 3}", "", event="5") for i in range(300)]
+        scored = pipeline.process([Incoming(r, i, 0, i) for i, r in enumerate(records)])
+        assert len(scored) == 300
+        assert pipeline.featurizer.windower.open_windows == 0
+
+    def test_open_windows_are_bounded(self) -> None:
+        """Past max_open, the window of the least recently written source closes early."""
+        windower = LogWindower(1e6, end_event=END_EVENT, max_open=2)
+        miner = LogTemplateMiner(None)
+        closed = []
+        for i, source in enumerate(["a", "b", "a", "c", "a", "d"]):
+            line = miner.mine(LogRecord(0.0, source, "", event="5"))
+            closed += windower.add(line, ref=i)
+        assert [(w.source, len(w.lines), w.ref) for w in closed] == [("b", 1, 1), ("c", 1, 3)]
+        assert windower.evicted == 2
+        assert [(w.source, len(w.lines), w.ref) for w in windower.flush()] == [
+            ("a", 3, 4),
+            ("d", 1, 5),
+        ]
+
+    def test_unended_sessions_scored_once_at_last_line(self) -> None:
+        """Blocks without an end line are scored when pushed out, by their own last line."""
+        config = parse_config(
+            session_config(
+                session_end_event=END_EVENT, max_sources=3, model={"kind": "mlp_autoencoder"}
+            )
+        )
+        pipeline = LogsPipeline(modality_config(config, "logs"), None)
+        records = [
+            LogRecord(float(i), f"blk_{i // 4}", "", event=str(i % 4)) for i in range(4 * 50)
+        ]
+        batch = [Incoming(r, i, 0, 1000 + i) for i, r in enumerate(records)]
+        scored = pipeline.process(batch) + pipeline.flush()
+        assert [item.key for item in scored] == [f"blk_{n}" for n in range(50)]
+        assert [item.index for item in scored] == [4 * n + 3 for n in range(50)]
+        assert [item.offset for item in scored] == [1000 + 4 * n + 3 for n in range(50)]
+        assert all(item.detail["lines"] == 4 for item in scored)
+        assert pipeline.windows_evicted == 47
+        assert pipeline.featurizer.windower.open_windows == 0
+
+    def test_per_source_state_is_bounded(self) -> None:
+        """Scalers, thresholds and window counts of the MLP keep max_sources sources."""
+        config = parse_config(
+            {
+                "edge": {"window_events": 50, "threshold": {"warmup_events": 10}},
+                "logs": {
+                    "n_buckets": 8,
+                    "window_s": 1.0,
+                    "max_sources": 5,
+                    "model": {"kind": "mlp_autoencoder"},
+                },
+            }
+        )
+        pipeline = LogsPipeline(modality_config(config, "logs"), None)
+        # Every source writes two lines one second apart, so the second closes the first's
+        # window, and then never writes again.
+        records = []
+        for n in range(200):
+            records += [LogRecord(float(n), f"blk_{n}", "x"), LogRecord(n + 1.0, f"blk_{n}", "x")]
+        scored = pipeline.process([Incoming(r, i, 0, i) for i, r in enumerate(records)])
+        assert len(scored) == 200 + pipeline.windows_evicted
+        assert len(pipeline.scalers) == 5
+        assert next(reversed(pipeline.scalers)) == "blk_199"
+        assert set(pipeline.thresholds) == set(pipeline.scalers)
+        assert set(pipeline.windows_scored) == set(pipeline.scalers)
+        assert pipeline.featurizer.windower.open_windows == 5
+        assert pipeline.windows_evicted == 195
+        assert pipeline.sources_dropped >= 195  # a source pushed out and back counts again
 
     @pytest.mark.parametrize("prefixes", [True, False])
     def test_first_lines_alert_only_with_prefix_training(self, prefixes: bool) -> None:
@@ -266,3 +399,45 @@ class TestDemoSettings:
         config = parse_config(hdfs_demo(warmup_sessions=4000, normal_sessions=4000))
         with pytest.raises(ConfigError, match="asks for 8000 normal and 100 anomalous sessions"):
             load_demo_dataset(config)
+        with pytest.raises(
+            ConfigError, match=r"lower warmup_sessions \+ normal_sessions to at most"
+        ):
+            load_demo_dataset(config)
+
+    def test_session_end_with_sequence_model_is_rejected(self) -> None:
+        raw = {"logs": {"session_end_event": "end", "model": {"kind": "lstm_autoencoder"}}}
+        with pytest.raises(ConfigError, match=r"remove logs\.session_end_event") as caught:
+            parse_config(raw)
+        assert "'lstm_autoencoder' scores every line" in str(caught.value)
+
+    def test_prefix_training_with_mlp_is_rejected(self) -> None:
+        raw = {"logs": {"model": {"kind": "mlp_autoencoder", "train_prefixes": True}}}
+        with pytest.raises(ConfigError, match=r"logs\.model: .*remove train_prefixes"):
+            parse_config(raw)
+
+    def test_line_limit_on_sessions_is_rejected(self) -> None:
+        raw = hdfs_demo()
+        raw["log_demo"]["limit"] = 2000  # type: ignore[index]
+        with pytest.raises(ConfigError, match=r"log_demo\.limit would cut the hdfs_sessions"):
+            parse_config(raw)
+
+    @pytest.mark.skipif(not (SESSIONS / "HDFS_sessions_deeplog").is_dir(), reason="no sessions")
+    @pytest.mark.parametrize(
+        ("logs", "message"),
+        [
+            ({"window_s": 100}, r"logs\.window_s is 100 s, but the session replay spans"),
+            ({"max_lines": 2}, r"logs\.max_lines is 2, but the longest session has"),
+        ],
+    )
+    def test_session_windows_must_hold_whole_sessions(
+        self, logs: dict[str, object], message: str
+    ) -> None:
+        raw = hdfs_demo(warmup_sessions=30, normal_sessions=20, anomalous_sessions=5)
+        raw["logs"] = {
+            "window_s": 1e6,
+            "session_end_event": "end",
+            "model": {"kind": "mlp_autoencoder"},
+            **logs,
+        }
+        with pytest.raises(ConfigError, match=message):
+            load_demo_dataset(parse_config(raw))
