@@ -34,6 +34,8 @@ from fanomad_stream.edge.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from fanomad_stream.edge.site_state import SiteRounds
+from fanomad_stream.federate.global_model import GlobalModelReader
 
 Logger = structlog.typing.FilteringBoundLogger
 
@@ -140,6 +142,33 @@ class CheckpointManager:
             )
             return None
         return checkpoint
+
+    async def read_for_restart(
+        self, rounds: SiteRounds, global_model: GlobalModelReader
+    ) -> tuple[EdgeCheckpoint | None, int]:
+        """Return the checkpoint this process may restore, or None, and the last round sent.
+
+        A checkpoint or an update round newer than the newest global version belongs to
+        another cluster or an earlier model lineage, because versions only grow in one
+        lineage: the round then counts as -1 and the checkpoint as None.
+        """
+        checkpoint = self.read()
+        last_round = await rounds.last_sent(
+            -1 if checkpoint is None else checkpoint.last_update_round
+        )
+        checkpoint_version = -1 if checkpoint is None else checkpoint.global_version
+        if last_round < 0 and checkpoint_version < 0:
+            return checkpoint, last_round
+        latest = await global_model.catch_up()
+        newest = -1 if latest is None else latest.version
+        if newest < last_round:
+            self._log.warning(
+                "edge_state_ignored", last_update_round=last_round, newest_version=newest
+            )
+            last_round = -1
+        if checkpoint is not None and not self.lineage_fits(checkpoint, newest):
+            checkpoint = None
+        return checkpoint, last_round
 
     def lineage_fits(self, checkpoint: EdgeCheckpoint, newest_version: int) -> bool:
         """Return False, with a warning, when the checkpoint is newer than ``fl.global``.

@@ -345,30 +345,10 @@ class EdgeClient(SteppedService):
         return None if state_dir is None else state_dir / self.site
 
     async def _load_state(self) -> None:
-        """Restore the last update round and, when this process may, the scoring checkpoint.
-
-        A checkpoint or an update round newer than the newest global version belongs to
-        another cluster or an earlier model lineage, because versions only grow in one lineage.
-        """
-        checkpoint = self.checkpoints.read()
-        self.last_update_round = await self.rounds.last_sent(
-            -1 if checkpoint is None else checkpoint.last_update_round
+        """Restore the last update round and, when this process may, the scoring checkpoint."""
+        checkpoint, self.last_update_round = await self.checkpoints.read_for_restart(
+            self.rounds, self._global
         )
-
-        checkpoint_version = -1 if checkpoint is None else checkpoint.global_version
-        if self.last_update_round >= 0 or checkpoint_version >= 0:
-            latest = await self._global.catch_up()
-            newest = -1 if latest is None else latest.version
-            if newest < self.last_update_round:
-                self._log.warning(
-                    "edge_state_ignored",
-                    last_update_round=self.last_update_round,
-                    newest_version=newest,
-                )
-                self.last_update_round = -1
-            if checkpoint is not None and not self.checkpoints.lineage_fits(checkpoint, newest):
-                checkpoint = None
-
         if checkpoint is not None and not self._restore(checkpoint):
             checkpoint = None
         if checkpoint is None:

@@ -400,23 +400,9 @@ class ModalityEdgeClient(SteppedService):
 
     async def _load_state(self) -> None:
         """Restore the checkpoint when this process may; otherwise load the open traces."""
-        checkpoint = self.checkpoints.read()
-        self.last_update_round = await self.rounds.last_sent(
-            -1 if checkpoint is None else checkpoint.last_update_round
+        checkpoint, self.last_update_round = await self.checkpoints.read_for_restart(
+            self.rounds, self._global
         )
-        checkpoint_version = -1 if checkpoint is None else checkpoint.global_version
-        if self.last_update_round >= 0 or checkpoint_version >= 0:
-            latest = await self._global.catch_up()
-            newest = -1 if latest is None else latest.version
-            if newest < self.last_update_round:
-                self._log.warning(
-                    "edge_state_ignored",
-                    last_update_round=self.last_update_round,
-                    newest_version=newest,
-                )
-                self.last_update_round = -1
-            if checkpoint is not None and not self.checkpoints.lineage_fits(checkpoint, newest):
-                checkpoint = None
         if checkpoint is not None and self._restore(checkpoint):
             return
         self._load_traces_state()
