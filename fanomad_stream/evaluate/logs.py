@@ -252,7 +252,7 @@ def session_scorer_rows(
 ) -> list[SessionRow]:
     """Evaluate each scorer's per-line (scores, alerts or None) per session.
 
-    ``labels`` holds each line's session label. A session alerts when any of its lines did.
+    ``labels`` gives each line's session label. A session alerts when any of its lines did.
     """
     session_ids = np.asarray(session_ids)
     first: dict[int, int] = {}
