@@ -372,7 +372,7 @@ class NezhaSettings(_Section):
 
 
 class SessionReplaySettings(_Section):
-    """Which of DeepLog's HDFS block sessions the log demo replays, and how they overlap.
+    """The DeepLog HDFS block sessions that the log demo replays, and how they overlap.
 
     The first ``warmup_sessions`` normal sessions are scored and trained on but not
     evaluated. The evaluated part follows: the next ``normal_sessions`` normal sessions and

@@ -66,7 +66,7 @@ from fanomad_stream.transport.kafka import DeadLetters, make_consumer, make_prod
 log = structlog.get_logger(__name__)
 
 SESSION_TIMEOUT_MS = 45_000
-# What reading traces.msgpack raises on a damaged or foreign file: msgpack's own errors
+# Errors that reading a damaged or foreign traces.msgpack raises: msgpack's own errors
 # (ValueError subclasses and UnpackException) and values of the wrong shape.
 _TRACE_STATE_ERRORS = (
     OSError,

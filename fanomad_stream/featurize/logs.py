@@ -293,8 +293,8 @@ class LogTemplateMiner:
         self.events_dropped = events_dropped
 
 
-# What drain3 0.9's load_state raises on a damaged file: base64 (binascii.Error is a
-# ValueError), zlib, JSON, and jsonpickle building objects of the wrong shape.
+# Errors that drain3 0.9's load_state raises on a damaged file: base64 (binascii.Error is
+# a ValueError), zlib, JSON, and jsonpickle building objects of the wrong shape.
 _DRAIN3_STATE_ERRORS = (
     OSError,
     ValueError,

@@ -214,8 +214,8 @@ def interleave_sessions(
     """Turn block sessions into one log stream in which ``concurrency`` blocks are live at once.
 
     HDFS writes the lines of many blocks at the same time. Here the sessions open in the given
-    order, at most ``concurrency`` of them are open, and each next line comes from an open
-    session drawn at random (seeded), so the lines of a block stay in order but interleave
+    order, and at most ``concurrency`` of them are open. Each next line comes from an open
+    session drawn at random (seeded). So the lines of a block stay in order but interleave
     with other blocks. A record's source is its block (``blk_<n>``, ``n`` counted from
     ``first_block``), its ``event`` the DeepLog log key, and one last record with event
     ``end`` closes each session, as a shipper that sees a block's deletion can send. Every

@@ -71,7 +71,7 @@ def test_modality_client_keeps_its_rounds_apart(tmp_path: Path) -> None:
 async def test_unknown_send_is_looked_up_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, found: bool, expected: int
 ) -> None:
-    """A send a crash cut short counts as sent only when fl.updates holds it."""
+    """A send a crash cut short counts as sent only when fl.updates contains it."""
     rounds = _modality_client(tmp_path).rounds
     rounds.write(SiteState(4, sending_round=5))
     looked_up: list[int] = []
@@ -87,7 +87,7 @@ async def test_unknown_send_is_looked_up_once(
     assert looked_up == [5]
 
 
-async def test_checkpoint_round_above_the_pending_send_needs_no_lookup(tmp_path: Path) -> None:
+async def test_newer_checkpoint_round_skips_lookup(tmp_path: Path) -> None:
     rounds = _modality_client(tmp_path).rounds
     rounds.write(SiteState(4, sending_round=5))
     assert await rounds.last_sent(6) == 6

@@ -43,7 +43,7 @@ def sessions() -> list[Session]:
 
 
 class TestInterleave:
-    def test_each_block_keeps_its_order_and_ends_with_the_end_line(self) -> None:
+    def test_blocks_keep_order_and_end_line(self) -> None:
         dataset = interleave_sessions(sessions(), concurrency=3, seed=1)
         by_block: dict[str, list[str]] = {}
         for record in dataset.records:
@@ -60,15 +60,15 @@ class TestInterleave:
         dataset = interleave_sessions(sessions() * 4, concurrency=2, seed=0)
         open_blocks: set[str] = set()
         ended: set[str] = set()
-        most = 0
+        peak = 0
         for record in dataset.records:
             assert record.source not in ended
             open_blocks.add(record.source)
-            most = max(most, len(open_blocks))
+            peak = max(peak, len(open_blocks))
             if record.event == END_EVENT:
                 open_blocks.discard(record.source)
                 ended.add(record.source)
-        assert most == 2
+        assert peak == 2
         sources = [record.source for record in dataset.records]
         assert sources != sorted(sources, key=lambda source: int(source[4:]))
 
@@ -192,7 +192,7 @@ class TestSessionWindows:
         assert [(w.source, len(w.lines)) for w in closed] == [("a", 2)]
         assert [(w.source, len(w.lines)) for w in windower.flush()] == [("b", 2)]
 
-    def test_mlp_scores_each_session_once_at_its_end_line(self) -> None:
+    def test_mlp_scores_session_at_end_line(self) -> None:
         config = parse_config(
             session_config(session_end_event=END_EVENT, model={"kind": "mlp_autoencoder"})
         )
@@ -342,9 +342,10 @@ class TestSessionEvaluation:
         assert detector.recall_operating == 0.5
         assert np.isnan(baseline.f1_operating)
         table = render_session_table([detector, baseline])
-        assert "| b | 4 (2) |" in table and "n/a" in table
+        assert "| b | 4 (2) |" in table
+        assert "n/a" in table
 
-    def test_site_sources_deals_in_turn_and_refuses_too_many_sites(self) -> None:
+    def test_site_sources_dealt_in_turn(self) -> None:
         dataset = interleave_sessions(sessions(), concurrency=1, seed=0)
         assert site_sources(dataset, 2) == [["blk_0", "blk_2", "blk_4"], ["blk_1", "blk_3"]]
         with pytest.raises(ConfigError, match=r"log_demo\.sites is 6, but the replay has 5"):
@@ -395,7 +396,7 @@ class TestDemoSettings:
         assert set(numbers[counted].tolist()) == set(range(30, 55))
 
     @pytest.mark.skipif(not (SESSIONS / "HDFS_sessions_deeplog").is_dir(), reason="no sessions")
-    def test_asking_for_more_sessions_than_exist_is_a_config_error(self) -> None:
+    def test_too_many_sessions_rejected(self) -> None:
         config = parse_config(hdfs_demo(warmup_sessions=4000, normal_sessions=4000))
         with pytest.raises(ConfigError, match="asks for 8000 normal and 100 anomalous sessions"):
             load_demo_dataset(config)

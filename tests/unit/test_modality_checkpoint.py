@@ -640,7 +640,7 @@ class _PositionConsumer:
     async def position(self, tp: TopicPartition) -> int:
         assert tp == TopicPartition("logs.raw", 1)
         if self._position is None:
-            await asyncio.sleep(3600)  # the broker never answers
+            await asyncio.sleep(3600)  # the broker never responds
         assert self._position is not None
         return self._position
 
